@@ -1,0 +1,1 @@
+"""Triton kernels behind impl="triton" (installed as dpo_fast.kernels)."""
