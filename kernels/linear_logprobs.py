@@ -1,0 +1,470 @@
+"""Fused ``lm_head -> log_softmax -> gather`` in Triton: forward and backward launchers.
+
+Shapes: ``hidden [N, H]`` (compacted rows, every label in ``[0, V)``), ``weight [V, H]``,
+``bias [V]`` or None. The transformed logit is ``z = c * tanh(s * scale / c) / T`` with
+``s = h @ W.T + b`` (the tanh softcap ``c`` is optional), so ``dz/ds = scale * (1 - tanh^2) / T``
+(``scale / T`` without softcap). No ``[N, V]`` tensor is ever allocated.
+
+Forward (``_linear_logprobs_fwd_kernel``, one program per block of BLOCK_N tokens):
+  phase 1, for each vocab tile of BLOCK_V rows of W: ``s = h_blk @ W_tile.T`` over H in
+  BLOCK_K steps with fp32 accumulation (bf16/fp16 operands on the tensor cores), then
+  bias, scale, softcap, temperature in fp32 registers;
+  phase 2, same tile: fold into the online log-sum-exp (running max ``m``, running
+  ``sum exp(z - m)`` rescaled by ``exp(m_old - m_new)``), gather the label's logit, and
+  update the optional statistics (entropy, log sum p^2, sum z, first argmax);
+  phase 3: write log p(label), lse and the extras, 4 bytes per token each.
+  Bytes: W is read once per token block (``ceil(N / BLOCK_N) * V * H * elt``, served
+  mostly from L2 when neighbouring programs sweep the same tiles), hidden once per vocab
+  tile (from L2/SMEM); writes are O(N).
+
+Backward, per vocabulary chunk of ``C`` columns (``C`` chosen so that the chunk's gradient
+of the logits fits in ``SCRATCH_BYTES``):
+  ``_linear_logprobs_bwd_kernel`` (grid token blocks x vocab tiles of the chunk) recomputes
+  each logit tile exactly as the forward does, forms
+  ``G = g * (onehot(label) - exp(z - lse)) * dz/ds`` in fp32 and writes it once, in the
+  operand dtype, to a ``[N, C]`` scratch (plus fp32 per-token-block column sums for the
+  bias gradient); then two tiled matmuls (``_grad_matmul_kernel``) consume it:
+  ``grad_h[N, H] += G @ W_chunk`` into an fp32 accumulator (read-modify-write once per
+  chunk) and ``grad_W_chunk[C, H] = G.T @ h`` with the reduction over all N tokens inside
+  one program's fp32 registers, cast to the weight dtype once at the store.
+  FLOPs: 2NHV (recompute) + 2NHV + 2NHV, the minimum for a recompute scheme; extra bytes:
+  the scratch is written once and read twice (``3 * N * V * elt`` in total, e.g. ~13 GB
+  against ~5e16 FLOPs at the headline shape), and the fp32 grad_h accumulator is read and
+  written once per chunk.
+
+Why not fuse the two gradient matmuls into the recompute kernel: its program would have to
+own a ``[BLOCK_N, H]`` slice of grad_h and a ``[BLOCK_V, H]`` slice of grad_W; at
+H = 4096 that is 1-2 MiB of fp32 per program, far beyond registers/SMEM, so either the
+accumulators go to global memory with atomics (``N * V * H * (1/BLOCK_N + 1/BLOCK_V)``
+fp32 read-modify-writes, hundreds of GB at the headline shape, and non-deterministic), or
+the logits are recomputed once per H slice. Writing G once and reading it twice costs a few
+percent of the matmul time instead (an estimate from byte and FLOP counts, not a
+measurement: no GPU was available when this was written).
+
+Determinism: nothing here uses atomics and every reduction has a fixed order for a given
+config, so the backward is already run-to-run reproducible with a fixed config. What can
+change bits between runs is the autotuner picking a different config (a different BLOCK_K
+changes the fp32 summation order) in another process. ``opts.deterministic=True`` therefore
+launches every kernel with the fixed config in ``FIXED_CONFIGS`` and never autotunes; the
+default autotunes (keyed on power-of-two shape buckets) and caches the choice per process.
+The cost of determinism is only that of not tuning.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    bucket, check_contiguous_2d, check_dtype, check_labels, check_vector, configs_for, dot_flags,
+    round_flag, tanh, to_output,
+)
+
+# Bytes allowed for the [N, C] gradient-of-logits scratch of one backward vocab chunk.
+SCRATCH_BYTES = 64 << 20
+# Minimum chunk width (and granularity) in vocab entries.
+CHUNK_ALIGN = 128
+
+
+def _cfg(num_warps=4, num_stages=3, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# Hopper (H100) candidates. Forward/recompute tiles: BLOCK_N x BLOCK_V fp32 accumulator
+# (64 KiB-128 KiB of registers at 8 warps) fed by BLOCK_K-deep bf16 tiles.
+_FWD_GPU_CONFIGS = [
+    _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    _cfg(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=4),
+    _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=128, num_warps=4, num_stages=3),
+]
+_BWD_GPU_CONFIGS = [
+    _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    _cfg(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=4),
+    _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=4),
+]
+_MATMUL_GPU_CONFIGS = [
+    _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+]
+# Interpreter: few, large blocks (its cost grows with the number of block operations),
+# still small enough that the test shapes (V=507, H=123) cross several tiles and K steps.
+_FWD_INTERPRET_CONFIG = _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64)
+_BWD_INTERPRET_CONFIG = _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64)
+_MATMUL_INTERPRET_CONFIG = _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4)
+
+# The configs used with opts.deterministic=True (never autotuned). Tests may patch them.
+FIXED_CONFIGS = {
+    "fwd": configs_for(_FWD_GPU_CONFIGS, _FWD_INTERPRET_CONFIG)[0],
+    "bwd": configs_for(_BWD_GPU_CONFIGS, _BWD_INTERPRET_CONFIG)[0],
+    "matmul": configs_for(_MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG)[0],
+}
+
+
+@triton.jit
+def _transformed_logits(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_hn, stride_wv,
+                        logit_scale, softcap, inv_temperature,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_V]`` tile of z, and the tile of tanh(s*scale/c) (or z itself
+    without softcap) that the backward needs for dz/ds. fp32 accumulation over H."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    arange_k = tl.arange(0, BLOCK_K)
+    for k_start in range(0, H, BLOCK_K):
+        offs_k = k_start + arange_k
+        mask_k = offs_k < H
+        # h_blk [BLOCK_N, BLOCK_K] and W_tile^T [BLOCK_K, BLOCK_V] (loaded transposed by
+        # pointer arithmetic; tl.make_block_ptr is gone in triton 3.9).
+        h_blk = tl.load(hidden_ptr + offs_n[:, None] * stride_hn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w_blk = tl.load(weight_ptr + offs_v[None, :] * stride_wv + offs_k[:, None],
+                        mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        if UPCAST_DOT:  # interpreter only: bf16 tl.dot is silently wrong there
+            h_blk = h_blk.to(tl.float32)
+            w_blk = w_blk.to(tl.float32)
+        acc = tl.dot(h_blk, w_blk, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    scaled = acc * logit_scale
+    if HAS_SOFTCAP:
+        t = tanh(scaled / softcap)
+        z = t * (softcap * inv_temperature)
+    else:
+        t = scaled
+        z = scaled * inv_temperature
+    return z, t
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
+    "WANT_ENTROPY": lambda args: args["entropy_ptr"] is not None,
+    "WANT_LOG_SUM_SQ": lambda args: args["log_sum_sq_ptr"] is not None,
+    "WANT_MEAN_LOGITS": lambda args: args["mean_logits_ptr"] is not None,
+    "WANT_IS_TOP1": lambda args: args["is_top1_ptr"] is not None,
+})
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
+    log_probs_ptr, lse_ptr, entropy_ptr, log_sum_sq_ptr, mean_logits_ptr, is_top1_ptr,
+    N, H, V, N_BUCKET, stride_hn, stride_wv,
+    logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, WANT_LOG_SUM_SQ: tl.constexpr, WANT_MEAN_LOGITS: tl.constexpr,
+    WANT_IS_TOP1: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=0)
+    arange_v = tl.arange(0, BLOCK_V)
+
+    # Running state per token, all fp32: max m, sum exp(z-m), label logit, and the extras'
+    # sums (dead code on the GPU when their flag is off).
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    sum_e = tl.zeros((BLOCK_N,), tl.float32)
+    label_z = tl.zeros((BLOCK_N,), tl.float32)
+    sum_ez = tl.zeros((BLOCK_N,), tl.float32)   # sum exp(z - m) * z        (entropy)
+    sum_e2 = tl.zeros((BLOCK_N,), tl.float32)   # sum exp(2 (z - m))        (log sum p^2)
+    sum_z = tl.zeros((BLOCK_N,), tl.float32)    # sum z                      (mean logit)
+    best_idx = tl.zeros((BLOCK_N,), tl.int64)   # first argmax of z          (is_top1)
+
+    for v_start in range(0, V, BLOCK_V):
+        # Phase 1: the logit tile, fp32.
+        offs_v = (v_start + arange_v).to(tl.int64)
+        mask_v = offs_v < V
+        z, _t = _transformed_logits(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, H,
+                                    stride_hn, stride_wv, logit_scale, softcap, inv_temperature,
+                                    HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        # Phase 2: online log-sum-exp. A NaN logit makes exp(z - m_new) NaN whether or not
+        # the max reduction kept it, so NaN inputs reach sum_e and hence every output.
+        tile_max = tl.max(z, 1)
+        if WANT_IS_TOP1:
+            # First index reaching the tile max; a later tile wins only if strictly larger.
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], offs_v[None, :], V), 1)
+            best_idx = tl.where(tile_max > m, tile_arg, best_idx)
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+        e = tl.exp(z - m_new[:, None])  # 0 in masked columns
+        sum_e = sum_e * alpha + tl.sum(e, 1)
+        if WANT_ENTROPY:
+            # z is -inf in masked columns and 0 * -inf is NaN: weight the unmasked z instead.
+            sum_ez = sum_ez * alpha + tl.sum(e * tl.where(mask_v[None, :], z, 0.0), 1)
+        if WANT_LOG_SUM_SQ:
+            sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(e * e, 1)
+        if WANT_MEAN_LOGITS:
+            sum_z += tl.sum(tl.where(mask_v[None, :], z, 0.0), 1)
+        label_z += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), 1)
+        m = m_new
+
+    # Phase 3: per-token outputs (4 bytes each; is_top1 1 byte).
+    lse = m + tl.log(sum_e)
+    tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+    tl.store(log_probs_ptr + offs_n, label_z - lse, mask=mask_n)
+    if WANT_ENTROPY:
+        tl.store(entropy_ptr + offs_n, lse - sum_ez / sum_e, mask=mask_n)
+    if WANT_LOG_SUM_SQ:
+        tl.store(log_sum_sq_ptr + offs_n, 2.0 * m + tl.log(sum_e2) - 2.0 * lse, mask=mask_n)
+    if WANT_MEAN_LOGITS:
+        tl.store(mean_logits_ptr + offs_n, sum_z / V, mask=mask_n)
+    if WANT_IS_TOP1:
+        tl.store(is_top1_ptr + offs_n, best_idx == labels, mask=mask_n)
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
+    "WANT_BIAS_GRAD": lambda args: args["bias_partial_ptr"] is not None,
+})
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, grad_ptr, lse_ptr,
+    grad_logits_ptr, bias_partial_ptr,
+    N, H, V, N_BUCKET, v_begin, chunk_width, stride_hn, stride_wv, stride_gn, stride_bpn,
+    logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_BIAS_GRAD: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Gradient of the loss w.r.t. the raw logits s for one [BLOCK_N, BLOCK_V] tile of a
+    vocab chunk: reads h_blk, W_tile (like the forward) and 12 bytes per token; writes the
+    tile of G in the scratch dtype and, with a bias, BLOCK_V fp32 column sums."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_c = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)  # column in the chunk
+    mask_c = offs_c < chunk_width
+    offs_v = v_begin + offs_c  # vocab id
+    mask_v = mask_c & (offs_v < V)
+
+    # Phase 1: recompute the tile exactly as the forward did.
+    z, t = _transformed_logits(hidden_ptr, weight_ptr, bias_ptr, offs_n, mask_n, offs_v, mask_v, H,
+                               stride_hn, stride_wv, logit_scale, softcap, inv_temperature,
+                               HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    # Phase 2: G = g * (onehot - softmax) * dz/ds, fp32.
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=0)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    probs = tl.exp(z - lse[:, None])
+    onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
+    grad_s = (onehot - probs) * g[:, None]
+    if HAS_SOFTCAP:
+        grad_s = grad_s * ((1.0 - t * t) * (logit_scale * inv_temperature))
+    else:
+        grad_s = grad_s * (logit_scale * inv_temperature)
+    mask = mask_n[:, None] & mask_v[None, :]
+    grad_s = tl.where(mask, grad_s, 0.0)  # padded rows/columns may hold exp overflow
+    # Phase 3: one store of the tile; fp32 column sums for the bias gradient.
+    tl.store(grad_logits_ptr + offs_n[:, None] * stride_gn + offs_c[None, :],
+             to_output(grad_s, grad_logits_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+    if WANT_BIAS_GRAD:
+        tl.store(bias_partial_ptr + pid_n.to(tl.int64) * stride_bpn + offs_c, tl.sum(grad_s, 0), mask=mask_c)
+
+
+@triton.heuristics({"ACCUMULATE": lambda args: args["accumulate"] != 0})
+@triton.jit
+def _grad_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K, M_BUCKET, N_BUCKET, K_BUCKET, accumulate,
+    stride_am, stride_ak, stride_bk, stride_cm,
+    ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``C[M, N] (+)= A[M, K] @ B[K, N]`` with fp32 accumulation and one cast at the store.
+
+    A is given by strides (G or G^T from the scratch), B and C are row-major with unit
+    column stride. With ACCUMULATE, C is fp32 and read once before the single write.
+    Programs are grouped GROUP_M tiles tall so that neighbours reuse B tiles in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    arange_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = (k_start + arange_k).to(tl.int64)
+        mask_k = offs_k < K
+        a_blk = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b_blk = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST_DOT:
+            a_blk = a_blk.to(tl.float32)
+            b_blk = b_blk.to(tl.float32)
+        acc = tl.dot(a_blk, b_blk, acc, input_precision=DOT_PRECISION)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0)
+    tl.store(c_ptrs, to_output(acc, c_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+
+
+_fwd_tuned = triton.autotune(configs=configs_for(_FWD_GPU_CONFIGS, _FWD_INTERPRET_CONFIG),
+                             key=["N_BUCKET", "H", "V"])(_linear_logprobs_fwd_kernel)
+# Configs with a smaller BLOCK_N write more rows of the bias partial sums while tuning:
+# reset_to_zero clears them after tuning so that only the chosen config's rows are summed.
+_bwd_tuned = triton.autotune(configs=configs_for(_BWD_GPU_CONFIGS, _BWD_INTERPRET_CONFIG),
+                             key=["N_BUCKET", "H", "V"], reset_to_zero=["bias_partial_ptr"])(_linear_logprobs_bwd_kernel)
+# Two tuners over one kernel: grad_h (A = G row-major) and grad_W (A = G transposed) have
+# different access patterns. grad_h read-modify-writes C, so tuning must restore it.
+_grad_hidden_tuned = triton.autotune(configs=configs_for(_MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG),
+                                     key=["M_BUCKET", "N", "K_BUCKET", "accumulate"],
+                                     restore_value=["c_ptr"])(_grad_matmul_kernel)
+_grad_weight_tuned = triton.autotune(configs=configs_for(_MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG),
+                                     key=["M_BUCKET", "N", "K_BUCKET"])(_grad_matmul_kernel)
+
+
+def _launch(tuned, kernel, fixed_config, grid, deterministic, *args, **constexprs):
+    """Autotuned launch, or the fixed config (no tuning, reproducible bits) when deterministic."""
+    if deterministic:
+        cfg = fixed_config
+        kernel[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        tuned[grid](*args, **constexprs)
+
+
+def _scalars(opts):
+    return float(opts.logit_scale), float(opts.softcap or 0.0), 1.0 / float(opts.temperature)
+
+
+def _check_linear(hidden, weight, labels, bias):
+    check_dtype("hidden", hidden)
+    check_contiguous_2d("hidden", hidden)
+    check_contiguous_2d("weight", weight)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"dpo_fast Triton kernels: weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"dpo_fast Triton kernels: weight must be [V, {hidden.shape[1]}], got {tuple(weight.shape)}")
+    if weight.shape[0] == 0 or hidden.shape[1] == 0:
+        raise ValueError(f"dpo_fast Triton kernels: empty vocab or hidden size (weight {tuple(weight.shape)})")
+    check_labels(labels, hidden.shape[0])
+    if bias is not None:
+        check_vector("bias", bias, weight.shape[0], weight.dtype)
+    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"dpo_fast Triton kernels: all tensors must be on one device, got {devices}")
+
+
+def linear_logprobs_fwd(hidden, weight, labels, bias, opts):
+    """Per-token ``log p(label)``, lse and ``opts.extras`` without ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, H]`` contiguous float32/bfloat16/float16.
+        weight: ``[V, H]`` contiguous, same dtype.
+        labels: ``[N]`` int64, every entry in ``[0, V)`` (compacted rows).
+        bias: ``[V]`` or None.
+        opts: :class:`dpo_fast.options.LogprobOptions`.
+    Returns:
+        ``(log_probs [N] fp32, lse [N] fp32, extras)``; extras maps each name of
+        ``opts.extras`` to an ``[N]`` tensor (bool for is_top1, fp32 otherwise).
+    """
+    _check_linear(hidden, weight, labels, bias)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    log_probs = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    extras = {name: torch.empty(n, dtype=torch.bool if name == "is_top1" else torch.float32, device=dev)
+              for name in opts.extras}
+    if n == 0:
+        return log_probs, lse, extras
+    scale, softcap, inv_t = _scalars(opts)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _launch(_fwd_tuned, _linear_logprobs_fwd_kernel, FIXED_CONFIGS["fwd"], grid, opts.deterministic,
+            hidden, weight, bias, labels, log_probs, lse,
+            extras.get("entropy"), extras.get("log_sum_sq_probs"), extras.get("mean_logits"), extras.get("is_top1"),
+            n, h, v, bucket(n), hidden.stride(0), weight.stride(0), scale, softcap, inv_t,
+            **dot_flags(hidden.dtype))
+    return log_probs, lse, extras
+
+
+def _chunk_width(n: int, v: int, elt: int) -> int:
+    width = SCRATCH_BYTES // max(1, n * elt)
+    width = max(CHUNK_ALIGN, width // CHUNK_ALIGN * CHUNK_ALIGN)
+    return min(v, width)
+
+
+def linear_logprobs_bwd(grad_log_probs, hidden, weight, labels, bias, lse, opts, needs_input_grad=(True, True, True)):
+    """Gradients of ``sum(grad_log_probs * log_probs)`` w.r.t. hidden, weight and bias.
+
+    Returns ``(grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] in weight.dtype,
+    grad_bias [V] or None)``; an entry is None when ``needs_input_grad`` says so.
+    Extra memory: the ``[N, C]`` scratch (<= SCRATCH_BYTES), an fp32 ``[N, H]`` grad_h
+    accumulator for bf16/fp16 (fp32 grad_h accumulates in place), and bias partial sums.
+    """
+    _check_linear(hidden, weight, labels, bias)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    check_vector("grad_log_probs", grad_log_probs, n)
+    check_vector("lse", lse, n, torch.float32)
+    need_h, need_w, need_b = (bool(x) for x in needs_input_grad)
+    need_b = need_b and bias is not None
+    if n == 0 or not (need_h or need_w or need_b):
+        return (torch.zeros_like(hidden) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need_b else None)
+    dev, dtype = hidden.device, hidden.dtype
+    flags = dot_flags(dtype)
+    rnd = round_flag(dtype)
+    scale, softcap, inv_t = _scalars(opts)
+    det = opts.deterministic
+
+    chunk = _chunk_width(n, v, weight.element_size())
+    grad_logits = torch.empty(n, chunk, dtype=dtype, device=dev)
+    grad_h32 = None
+    if need_h:
+        grad_h32 = torch.empty(n, h, dtype=torch.float32, device=dev)
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty_like(bias) if need_b else None
+    # Room for the smallest BLOCK_N among the configs; unused rows stay 0.
+    min_block_n = min(c.kwargs["BLOCK_N"] for c in configs_for(_BWD_GPU_CONFIGS, _BWD_INTERPRET_CONFIG)
+                      + [FIXED_CONFIGS["bwd"]])
+    bias_partial = torch.zeros(triton.cdiv(n, min_block_n), chunk, dtype=torch.float32, device=dev) if need_b else None
+
+    for v_begin in range(0, v, chunk):
+        width = min(chunk, v - v_begin)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))  # noqa: E731
+        _launch(_bwd_tuned, _linear_logprobs_bwd_kernel, FIXED_CONFIGS["bwd"], grid, det,
+                hidden, weight, bias, labels, grad_log_probs, lse, grad_logits, bias_partial,
+                n, h, v, bucket(n), v_begin, width, hidden.stride(0), weight.stride(0), grad_logits.stride(0),
+                chunk, scale, softcap, inv_t, ROUND_BF16=rnd, **flags)
+        w_chunk = weight[v_begin:v_begin + width]
+        if need_h:
+            # grad_h[N, H] (+)= G[N, width] @ W_chunk[width, H]
+            mm_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(h, meta["BLOCK_N"]),)  # noqa: E731
+            _launch(_grad_hidden_tuned, _grad_matmul_kernel, FIXED_CONFIGS["matmul"], mm_grid, det,
+                    grad_logits, w_chunk, grad_h32, n, h, width, bucket(n), bucket(h), bucket(width),
+                    int(v_begin > 0), grad_logits.stride(0), 1, w_chunk.stride(0), grad_h32.stride(0),
+                    ROUND_BF16=False, **flags)
+        if need_w:
+            # grad_W_chunk[width, H] = G[N, width]^T @ h[N, H], reduced over all N in registers.
+            out = grad_w[v_begin:v_begin + width]
+            mm_grid = lambda meta: (triton.cdiv(width, meta["BLOCK_M"]) * triton.cdiv(h, meta["BLOCK_N"]),)  # noqa: E731
+            _launch(_grad_weight_tuned, _grad_matmul_kernel, FIXED_CONFIGS["matmul"], mm_grid, det,
+                    grad_logits, hidden, out, width, h, n, bucket(width), bucket(h), bucket(n),
+                    0, 1, grad_logits.stride(0), hidden.stride(0), out.stride(0),
+                    ROUND_BF16=rnd, **flags)
+        if need_b:
+            grad_b[v_begin:v_begin + width] = bias_partial[:, :width].sum(0)
+    grad_hidden = None
+    if need_h:
+        grad_hidden = grad_h32 if dtype == torch.float32 else grad_h32.to(dtype)
+    return grad_hidden, grad_w, grad_b
