@@ -21,7 +21,7 @@ setup(
         "triton": ["triton>=3.0"],
         "hf": ["transformers>=4.45", "safetensors", "tqdm"],
         "test": ["pytest", "pytest-benchmark", "ninja", "triton>=3.0", "transformers>=4.45",
-                 "safetensors", "tqdm", "matplotlib"],
+                 "safetensors", "tqdm", "matplotlib", "pyarrow", "datasets", "peft"],
         "trl": ["trl>=1.15"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
     },
