@@ -15,6 +15,18 @@ live here so that every kernel applies them the same way:
 * ``triton.autotune`` with more than one config fails under the interpreter, so the config
   lists are pruned to a single config there (:func:`configs_for`).
 
+Versions: the kernels must run on triton 3.6 (GPU machines) and 3.9 (CPU CI). Two 3.6
+differences matter here:
+
+* triton 3.6's autotuner calls ``.zero_()`` / ``.clone()`` on every ``reset_to_zero`` /
+  ``restore_value`` argument without a None check (3.9 skips None), and only while tuning
+  several configs, i.e. on a GPU: launchers always pass tensors there (dummies if unused).
+* triton 3.6's interpreter turns a scalar kernel argument used as a Python int (e.g.
+  ``range(0, V, BLOCK_V)``) into one with ``int()`` on a 1-element array, which numpy >= 2.4
+  rejects ("only 0-dimensional arrays can be converted to Python scalars"; 3.9 squeezes
+  first). Run the interpreted tests under triton 3.6 with numpy < 2.4; compiled GPU runs
+  do not go through the interpreter and are unaffected.
+
 ``INTERPRET`` is read once at import: like Triton itself, the decision is made when the
 ``@triton.jit`` functions are defined, so ``TRITON_INTERPRET`` must be set before import.
 """

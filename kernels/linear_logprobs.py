@@ -25,12 +25,41 @@ of the logits fits in ``SCRATCH_BYTES``):
   operand dtype, to a ``[N, C]`` scratch (plus fp32 per-token-block column sums for the
   bias gradient); then two tiled matmuls (``_grad_matmul_kernel``) consume it:
   ``grad_h[N, H] += G @ W_chunk`` into an fp32 accumulator (read-modify-write once per
-  chunk) and ``grad_W_chunk[C, H] = G.T @ h`` with the reduction over all N tokens inside
-  one program's fp32 registers, cast to the weight dtype once at the store.
+  chunk; "Memory" below says where it lives) and ``grad_W_chunk[C, H] = G.T @ h`` with the
+  reduction over all N tokens inside one program's fp32 registers, cast to the weight
+  dtype once at the store.
   FLOPs: 2NHV (recompute) + 2NHV + 2NHV, the minimum for a recompute scheme; extra bytes:
   the scratch is written once and read twice (``3 * N * V * elt`` in total, e.g. ~13 GB
   against ~5e16 FLOPs at the headline shape), and the fp32 grad_h accumulator is read and
   written once per chunk.
+
+Memory beyond inputs, outputs and gradients (issue 3 target: <= 256 MiB at the headline
+shape N=16384 tokens, H=4096, V=128256, bf16):
+  * the ``[N, C]`` scratch, at most SCRATCH_BYTES = 64 MiB (C = 2048 columns in bf16,
+    1024 in fp32 at N=16384; 63 resp. 126 vocab chunks);
+  * the grad_h running sum across vocab chunks must stay fp32 (rounding it to bf16 after
+    each of the 63 chunks would add ~sqrt(63) ~ 8 bf16 roundings of error, an estimate,
+    where the naive bf16 path rounds once). fp32 hidden:
+    the output grad_hidden is that accumulator, 0 extra bytes. bf16/fp16 hidden: the fp32
+    bit pattern is split in two 16-bit halves, the high half stored (as raw bits) in the
+    grad_hidden output itself and the low half in one ``[N, H]`` 16-bit buffer; the last
+    chunk reassembles the fp32 sum and rounds it once into grad_hidden. Reassembly is
+    exact, so the result is bit-identical to a separate fp32 accumulator (tested), the
+    read-modify-write traffic is the same 4 bytes per element per chunk, and the final
+    fp32 -> bf16 conversion pass is gone. Extra: ``2 * N * H`` bytes = 128 MiB instead of
+    the ``4 * N * H`` = 256 MiB of an fp32 buffer (GRAD_HIDDEN_SPLIT_ACC=False brings that
+    buffer back). With a single chunk (V <= C) no low-half buffer is allocated;
+  * fp32 bias partial sums, ``ceil(N / 64) * C * 4`` bytes (2 MiB at the headline shape),
+    only with a bias.
+  Headline bf16: 64 + 128 (+2 with bias) = 192-194 MiB (was 64 + 256 = 320 MiB with the
+  separate fp32 accumulator).
+  Headline fp32: 64 MiB (+1 with bias). The low-half buffer grows with N: bf16 stays under
+  256 MiB while ``2 * N * H <= 190 MiB``, i.e. N <= ~24000 at H=4096. Two caveats, both
+  arithmetic, not measured (no GPU when this was written): the first autotuning of the
+  grad_h matmul for a shape bucket clones its restore_value arguments (grad_hidden and
+  the low halves, another 256 MiB at the headline shape) once per process; and the public
+  ops add their own copies outside this launcher (compacting the valid rows of a padded
+  batch copies hidden, and its gradient is scattered back into a zero-filled padded one).
 
 Why not fuse the two gradient matmuls into the recompute kernel: its program would have to
 own a ``[BLOCK_N, H]`` slice of grad_h and a ``[BLOCK_V, H]`` slice of grad_W; at
@@ -64,6 +93,11 @@ from ._common import (
 SCRATCH_BYTES = 64 << 20
 # Minimum chunk width (and granularity) in vocab entries.
 CHUNK_ALIGN = 128
+# bf16/fp16 grad_hidden: keep the fp32 running sum across vocab chunks split into 16-bit
+# halves (high half in the output, low half in one [N, H] 16-bit buffer) instead of a
+# separate fp32 [N, H] buffer. Bit-identical results; False restores the fp32 buffer
+# (kept for the test that checks the two agree bit for bit).
+GRAD_HIDDEN_SPLIT_ACC = True
 
 
 def _cfg(num_warps=4, num_stages=3, **blocks):
@@ -219,10 +253,12 @@ def _linear_logprobs_fwd_kernel(
         tl.store(is_top1_ptr + offs_n, best_idx == labels, mask=mask_n)
 
 
+# WANT_BIAS_GRAD is passed explicitly rather than derived from ``bias_partial_ptr is None``:
+# bias_partial_ptr is a reset_to_zero argument of the autotuner, and triton 3.6's autotuner
+# calls ``.zero_()`` on it unconditionally, so it must always be a tensor (a dummy without bias).
 @triton.heuristics({
     "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
     "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
-    "WANT_BIAS_GRAD": lambda args: args["bias_partial_ptr"] is not None,
 })
 @triton.jit
 def _linear_logprobs_bwd_kernel(
@@ -273,16 +309,25 @@ def _linear_logprobs_bwd_kernel(
 @triton.heuristics({"ACCUMULATE": lambda args: args["accumulate"] != 0})
 @triton.jit
 def _grad_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K, M_BUCKET, N_BUCKET, K_BUCKET, accumulate,
+    a_ptr, b_ptr, c_ptr, c_lo_ptr, M, N, K, M_BUCKET, N_BUCKET, K_BUCKET, accumulate,
     stride_am, stride_ak, stride_bk, stride_cm,
-    ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ACCUMULATE: tl.constexpr, SPLIT_ACC: tl.constexpr, FINAL: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``C[M, N] (+)= A[M, K] @ B[K, N]`` with fp32 accumulation and one cast at the store.
 
     A is given by strides (G or G^T from the scratch), B and C are row-major with unit
-    column stride. With ACCUMULATE, C is fp32 and read once before the single write.
-    Programs are grouped GROUP_M tiles tall so that neighbours reuse B tiles in L2.
+    column stride (``c_lo_ptr`` too, with C's strides). Programs are grouped GROUP_M tiles
+    tall so that neighbours reuse B tiles in L2.
+
+    The fp32 running sum across calls (ACCUMULATE reads it once before the single write):
+    * ``SPLIT_ACC=False``: C itself is fp32 and holds it.
+    * ``SPLIT_ACC=True`` (C is a 16-bit float tensor): the fp32 bit pattern is split in two
+      16-bit halves, the high half in C (raw bits, not a value) and the low half in
+      ``c_lo_ptr`` (same shape and dtype as C). Reassembling them is exact, so this is an
+      fp32 accumulator bit for bit, with no fp32 buffer beyond C. With FINAL the sum is
+      instead rounded to C's dtype once and stored as a value (``c_lo_ptr`` is not written).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -311,11 +356,22 @@ def _grad_matmul_kernel(
             a_blk = a_blk.to(tl.float32)
             b_blk = b_blk.to(tl.float32)
         acc = tl.dot(a_blk, b_blk, acc, input_precision=DOT_PRECISION)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    offs_c = offs_m[:, None] * stride_cm + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=mask, other=0.0)
-    tl.store(c_ptrs, to_output(acc, c_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+        if SPLIT_ACC:
+            hi = tl.load(c_ptr + offs_c, mask=mask, other=0.0).to(tl.uint16, bitcast=True).to(tl.uint32)
+            lo = tl.load(c_lo_ptr + offs_c, mask=mask, other=0.0).to(tl.uint16, bitcast=True).to(tl.uint32)
+            acc += ((hi << 16) | lo).to(tl.float32, bitcast=True)
+        else:
+            acc += tl.load(c_ptr + offs_c, mask=mask, other=0.0)
+    if SPLIT_ACC and not FINAL:
+        bits = acc.to(tl.uint32, bitcast=True)
+        tl.store(c_ptr + offs_c, (bits >> 16).to(tl.uint16).to(c_ptr.dtype.element_ty, bitcast=True), mask=mask)
+        tl.store(c_lo_ptr + offs_c, (bits & 0xFFFF).to(tl.uint16).to(c_lo_ptr.dtype.element_ty, bitcast=True),
+                 mask=mask)
+    else:
+        tl.store(c_ptr + offs_c, to_output(acc, c_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 _fwd_tuned = triton.autotune(configs=configs_for(_FWD_GPU_CONFIGS, _FWD_INTERPRET_CONFIG),
@@ -326,9 +382,11 @@ _bwd_tuned = triton.autotune(configs=configs_for(_BWD_GPU_CONFIGS, _BWD_INTERPRE
                              key=["N_BUCKET", "H", "V"], reset_to_zero=["bias_partial_ptr"])(_linear_logprobs_bwd_kernel)
 # Two tuners over one kernel: grad_h (A = G row-major) and grad_W (A = G transposed) have
 # different access patterns. grad_h read-modify-writes C, so tuning must restore it.
+# (triton 3.6's autotuner clones every restore_value argument unconditionally, so c_lo_ptr
+# is always a tensor there: a dummy when the accumulator is not split.)
 _grad_hidden_tuned = triton.autotune(configs=configs_for(_MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG),
                                      key=["M_BUCKET", "N", "K_BUCKET", "accumulate"],
-                                     restore_value=["c_ptr"])(_grad_matmul_kernel)
+                                     restore_value=["c_ptr", "c_lo_ptr"])(_grad_matmul_kernel)
 _grad_weight_tuned = triton.autotune(configs=configs_for(_MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG),
                                      key=["M_BUCKET", "N", "K_BUCKET"])(_grad_matmul_kernel)
 
@@ -408,8 +466,10 @@ def linear_logprobs_bwd(grad_log_probs, hidden, weight, labels, bias, lse, opts,
 
     Returns ``(grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] in weight.dtype,
     grad_bias [V] or None)``; an entry is None when ``needs_input_grad`` says so.
-    Extra memory: the ``[N, C]`` scratch (<= SCRATCH_BYTES), an fp32 ``[N, H]`` grad_h
-    accumulator for bf16/fp16 (fp32 grad_h accumulates in place), and bias partial sums.
+    Extra memory (see "Memory" in the module docstring): the ``[N, C]`` scratch
+    (<= SCRATCH_BYTES), for bf16/fp16 with more than one vocab chunk the ``[N, H]`` low
+    halves of the split fp32 grad_h accumulator (2 bytes per element; fp32 grad_h
+    accumulates in the output itself), and fp32 bias partial sums.
     """
     _check_linear(hidden, weight, labels, bias)
     n, h = hidden.shape
@@ -428,16 +488,26 @@ def linear_logprobs_bwd(grad_log_probs, hidden, weight, labels, bias, lse, opts,
     det = opts.deterministic
 
     chunk = _chunk_width(n, v, weight.element_size())
+    num_chunks = triton.cdiv(v, chunk)
     grad_logits = torch.empty(n, chunk, dtype=dtype, device=dev)
-    grad_h32 = None
+    # grad_h accumulator: fp32 -> the output itself; bf16/fp16 -> the output holds the high
+    # 16 bits of the fp32 running sum and grad_h_lo the low 16 bits until the last chunk
+    # rounds it once into the output (GRAD_HIDDEN_SPLIT_ACC=False: a separate fp32 buffer).
+    # Never None where the autotuner restores it (triton 3.6 clones it unconditionally).
+    split = dtype != torch.float32 and GRAD_HIDDEN_SPLIT_ACC
+    grad_h_acc = grad_h_lo = None
     if need_h:
-        grad_h32 = torch.empty(n, h, dtype=torch.float32, device=dev)
+        grad_h_acc = torch.empty(n, h, dtype=dtype if split else torch.float32, device=dev)
+        grad_h_lo = torch.empty(n if split and num_chunks > 1 else 1, h if split and num_chunks > 1 else 1,
+                                dtype=dtype, device=dev)
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
-    # Room for the smallest BLOCK_N among the configs; unused rows stay 0.
+    # Room for the smallest BLOCK_N among the configs; unused rows stay 0. Always a tensor:
+    # it is the bwd tuner's reset_to_zero argument (triton 3.6 zeroes it unconditionally).
     min_block_n = min(c.kwargs["BLOCK_N"] for c in configs_for(_BWD_GPU_CONFIGS, _BWD_INTERPRET_CONFIG)
                       + [FIXED_CONFIGS["bwd"]])
-    bias_partial = torch.zeros(triton.cdiv(n, min_block_n), chunk, dtype=torch.float32, device=dev) if need_b else None
+    bias_partial = torch.zeros(triton.cdiv(n, min_block_n) if need_b else 1, chunk if need_b else 1,
+                               dtype=torch.float32, device=dev)
 
     for v_begin in range(0, v, chunk):
         width = min(chunk, v - v_begin)
@@ -445,26 +515,26 @@ def linear_logprobs_bwd(grad_log_probs, hidden, weight, labels, bias, lse, opts,
         _launch(_bwd_tuned, _linear_logprobs_bwd_kernel, FIXED_CONFIGS["bwd"], grid, det,
                 hidden, weight, bias, labels, grad_log_probs, lse, grad_logits, bias_partial,
                 n, h, v, bucket(n), v_begin, width, hidden.stride(0), weight.stride(0), grad_logits.stride(0),
-                chunk, scale, softcap, inv_t, ROUND_BF16=rnd, **flags)
+                bias_partial.stride(0), scale, softcap, inv_t, WANT_BIAS_GRAD=need_b, ROUND_BF16=rnd, **flags)
         w_chunk = weight[v_begin:v_begin + width]
         if need_h:
             # grad_h[N, H] (+)= G[N, width] @ W_chunk[width, H]
             mm_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(h, meta["BLOCK_N"]),)  # noqa: E731
             _launch(_grad_hidden_tuned, _grad_matmul_kernel, FIXED_CONFIGS["matmul"], mm_grid, det,
-                    grad_logits, w_chunk, grad_h32, n, h, width, bucket(n), bucket(h), bucket(width),
-                    int(v_begin > 0), grad_logits.stride(0), 1, w_chunk.stride(0), grad_h32.stride(0),
-                    ROUND_BF16=False, **flags)
+                    grad_logits, w_chunk, grad_h_acc, grad_h_lo, n, h, width, bucket(n), bucket(h), bucket(width),
+                    int(v_begin > 0), grad_logits.stride(0), 1, w_chunk.stride(0), grad_h_acc.stride(0),
+                    SPLIT_ACC=split, FINAL=v_begin + width >= v, ROUND_BF16=rnd and split, **flags)
         if need_w:
             # grad_W_chunk[width, H] = G[N, width]^T @ h[N, H], reduced over all N in registers.
             out = grad_w[v_begin:v_begin + width]
             mm_grid = lambda meta: (triton.cdiv(width, meta["BLOCK_M"]) * triton.cdiv(h, meta["BLOCK_N"]),)  # noqa: E731
             _launch(_grad_weight_tuned, _grad_matmul_kernel, FIXED_CONFIGS["matmul"], mm_grid, det,
-                    grad_logits, hidden, out, width, h, n, bucket(width), bucket(h), bucket(n),
+                    grad_logits, hidden, out, None, width, h, n, bucket(width), bucket(h), bucket(n),
                     0, 1, grad_logits.stride(0), hidden.stride(0), out.stride(0),
-                    ROUND_BF16=rnd, **flags)
+                    SPLIT_ACC=False, FINAL=True, ROUND_BF16=rnd, **flags)
         if need_b:
             grad_b[v_begin:v_begin + width] = bias_partial[:, :width].sum(0)
     grad_hidden = None
     if need_h:
-        grad_hidden = grad_h32 if dtype == torch.float32 else grad_h32.to(dtype)
+        grad_hidden = grad_h_acc if grad_h_acc.dtype == dtype else grad_h_acc.to(dtype)
     return grad_hidden, grad_w, grad_b

@@ -6,8 +6,8 @@ import torch
 
 import dpo_fast.blockwise as blockwise
 from dpo_fast import LOSS_TYPES, FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss
-from dpo_fast.reference import reference_dpo_loss, reference_linear_logprobs
-from tests._helpers import assert_no_worse_than_naive, make_linear_inputs, max_err, truth_of
+from dpo_fast.reference import reference_dpo_loss
+from tests._helpers import assert_no_worse_than_naive, max_err, oracle_dpo, pair_batch, truth_of
 
 # Fixed inputs: 3 pairs.
 PC = [-10.0, -22.0, -7.5]
@@ -188,34 +188,16 @@ def test_nan_propagates_through_loss():
 # ---------------------------------------------------------------- fused linear DPO loss
 
 
-def _pair_batch(dtype, bias=False, seed=0):
-    hc, w, lc, b = make_linear_inputs((3, 11), 507, 123, dtype, bias=bias, ignore_frac=0.2, seed=seed)
-    hr, _, lr, _ = make_linear_inputs((3, 13), 507, 123, dtype, ignore_frac=0.2, seed=seed + 1)
-    lc[:, :3] = -100  # prompt positions
-    lr[:, :5] = -100
-    lc[1, 5] = 506
-    g = torch.Generator().manual_seed(seed + 2)
-    ref_c, ref_r = torch.randn(3, generator=g) * 3 - 40, torch.randn(3, generator=g) * 3 - 40
-    return hc, lc, hr, lr, w, b, ref_c, ref_r
-
-
-def _oracle_dpo(hc, lc, hr, lr, w, b, ref_c, ref_r, loss_type, **kw):
-    pc = reference_linear_logprobs(hc, w, lc, b, **kw).sum(-1)
-    pr = reference_linear_logprobs(hr, w, lr, b, **kw).sum(-1)
-    lens = dict(chosen_lengths=(lc != -100).sum(-1), rejected_lengths=(lr != -100).sum(-1))
-    return reference_dpo_loss(pc, pr, ref_c.to(pc.dtype), ref_r.to(pc.dtype), beta=0.1, loss_type=loss_type, **lens)[0]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", ["sigmoid", "sft"]])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_linear_dpo_loss_matches_truth(dtype, loss_type, bias, monkeypatch):
     monkeypatch.setattr(blockwise, "MAX_VOCAB_BLOCK", 128)
     kw = dict(softcap=4.0, logit_scale=1.2) if bias else {}
-    hc, lc, hr, lr, w, b, ref_c, ref_r = _pair_batch(dtype, bias=bias)
+    hc, lc, hr, lr, w, b, ref_c, ref_r = pair_batch(dtype, bias=bias)
     out = fused_linear_dpo_loss(hc, lc, hr, lr, w, b, ref_c, ref_r, beta=0.1, loss_type=loss_type, impl="torch", **kw)
-    naive = _oracle_dpo(hc, lc, hr, lr, w, b, ref_c, ref_r, loss_type, **kw)
-    truth, copies = truth_of(lambda *t: _oracle_dpo(*t, ref_c, ref_r, loss_type, **kw), [hc, lc, hr, lr, w, b])
+    naive = oracle_dpo(hc, lc, hr, lr, w, b, ref_c, ref_r, loss_type, **kw)
+    truth, copies = truth_of(lambda *t: oracle_dpo(*t, ref_c, ref_r, loss_type, **kw), [hc, lc, hr, lr, w, b])
     assert out.chosen_lengths.tolist() == (lc != -100).sum(-1).tolist()
     assert_no_worse_than_naive("loss", out.loss, naive, truth, dtype)
     live = [t for t in (hc, hr, w, b) if t is not None]
@@ -230,7 +212,7 @@ def test_fused_linear_dpo_loss_matches_truth(dtype, loss_type, bias, monkeypatch
 
 
 def test_fused_module_and_reference_impl_agree():
-    hc, lc, hr, lr, w, b, ref_c, ref_r = _pair_batch(torch.float64, bias=True)
+    hc, lc, hr, lr, w, b, ref_c, ref_r = pair_batch(torch.float64, bias=True)
     module = FusedLinearDPOLoss(beta=0.2, loss_type="hinge", impl="torch")
     a = module(hc, lc, hr, lr, w, b, ref_c.double(), ref_r.double())
     r = fused_linear_dpo_loss(hc, lc, hr, lr, w, b, ref_c.double(), ref_r.double(), beta=0.2, loss_type="hinge",
@@ -240,7 +222,7 @@ def test_fused_module_and_reference_impl_agree():
 
 
 def test_fused_loss_bad_input():
-    hc, lc, hr, lr, w, b, ref_c, ref_r = _pair_batch(torch.float32)
+    hc, lc, hr, lr, w, b, ref_c, ref_r = pair_batch(torch.float32)
     with pytest.raises(ValueError, match="same number of pairs: chosen_hidden has 3, rejected_hidden has 2"):
         fused_linear_dpo_loss(hc, lc, hr[:2], lr[:2], w, None, ref_c, ref_r)
     lc2 = lc.clone()

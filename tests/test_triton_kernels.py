@@ -23,7 +23,9 @@ triton = pytest.importorskip("triton")
 import dpo_fast  # noqa: E402
 from dpo_fast import blockwise, reference  # noqa: E402
 from dpo_fast.options import EXTRA_OUTPUTS, LogprobOptions  # noqa: E402
-from tests._helpers import assert_no_worse_than_naive, make_linear_inputs, max_err, truth_of  # noqa: E402
+from tests._helpers import (  # noqa: E402
+    assert_no_worse_than_naive, make_linear_inputs, max_err, oracle_dpo, pair_batch, truth_of,
+)
 
 if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("impl='triton' needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
@@ -141,7 +143,7 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setitem(KL.FIXED_CONFIGS, "bwd", triton.Config({"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_K": 32}))
     monkeypatch.setitem(KL.FIXED_CONFIGS, "matmul",
                         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}))
-    monkeypatch.setattr(KL, "SCRATCH_BYTES", 63 * 4 * 128)  # 128-wide chunks: 4 chunks for V=507
+    monkeypatch.setattr(KL, "SCRATCH_BYTES", 1)  # CHUNK_ALIGN (128)-wide chunks: 4 for V=507, any dtype
     monkeypatch.setitem(KG.FIXED_CONFIGS, "fwd", triton.Config({"BLOCK_N": 16, "BLOCK_V": 128}))
     monkeypatch.setitem(KG.FIXED_CONFIGS, "bwd", triton.Config({"BLOCK_N": 16, "BLOCK_V": 128}))
 
@@ -227,7 +229,7 @@ class _NaNFactory(types.SimpleNamespace):
 def test_poisoned_buffers_are_fully_written(dtype, monkeypatch):
     monkeypatch.setattr(KL, "torch", _NaNFactory())
     monkeypatch.setattr(KG, "torch", _NaNFactory())
-    monkeypatch.setattr(KL, "SCRATCH_BYTES", 63 * 4 * 256)  # two backward chunks
+    monkeypatch.setattr(KL, "SCRATCH_BYTES", 1)  # 128-wide backward chunks: 4 for V=507 (split grad_h in bf16)
     cfg = CONFIGS["bias_softcap_scale_temp"]
     h, w, labels, b = _inputs(dtype, cfg, seed=6)
     fast, fast_g = _run_linear(h, w, labels, b, ALL_OUTPUTS, cfg, "triton")
@@ -245,6 +247,80 @@ def test_poisoned_buffers_are_fully_written(dtype, monkeypatch):
     out = dpo_fast.logits_logprobs(logits, lab, impl="triton")
     (grad,) = torch.autograd.grad(out.sum(), logits)
     assert not out.isnan().any() and not grad.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_split_grad_hidden_accumulator_is_fp32_bit_for_bit(dtype, tiny_blocks, monkeypatch):
+    """bf16/fp16 grad_hidden keeps its fp32 running sum across the 4 vocab chunks as two
+    16-bit halves (output + low-half buffer): the result must equal, bit for bit, the one
+    from a separate fp32 [N, H] accumulator, also when every new buffer starts as NaN."""
+    h, w, labels, b = _inputs(dtype, {"bias": True}, seed=12)
+    rows = labels.flatten() != -100
+    hr, lab = h.detach().reshape(-1, HIDDEN)[rows].contiguous(), labels.flatten()[rows].contiguous()
+    w, b = w.detach(), b.detach()
+    opts = LogprobOptions(softcap=3.0, logit_scale=1.1, temperature=0.9, deterministic=True)
+    _, lse, _ = K.linear_logprobs_fwd(hr, w, lab, b, opts)
+    g = torch.randn(lab.shape[0], generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    assert triton.cdiv(VOCAB, KL._chunk_width(lab.shape[0], VOCAB, w.element_size())) == 4
+    monkeypatch.setattr(KL, "GRAD_HIDDEN_SPLIT_ACC", False)
+    expect = K.linear_logprobs_bwd(g, hr, w, lab, b, lse, opts)
+    monkeypatch.setattr(KL, "GRAD_HIDDEN_SPLIT_ACC", True)
+    monkeypatch.setattr(KL, "torch", _NaNFactory())
+    got = K.linear_logprobs_bwd(g, hr, w, lab, b, lse, opts)
+    for name, x, y in zip(("grad_hidden", "grad_weight", "grad_bias"), got, expect):
+        assert x.dtype == y.dtype == dtype and torch.equal(x.view(torch.int16), y.view(torch.int16)), name
+    # Only grad_hidden asked for (the grad_W/bias launches skipped) gives the same bits.
+    only_h = K.linear_logprobs_bwd(g, hr, w, lab, b, lse, opts, (True, False, False))
+    assert torch.equal(only_h[0].view(torch.int16), expect[0].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_linear_dpo_loss_matches_truth(dtype, monkeypatch):
+    """The whole DPO path with impl="triton": ragged chosen/rejected batches of different
+    lengths, bias, softcap, logit scale and temperature, 4 backward vocab chunks; loss and
+    every gradient against the float64 oracle (bf16: no worse than the naive bf16 oracle)."""
+    monkeypatch.setattr(KL, "SCRATCH_BYTES", 1)  # 128-wide backward chunks: 4 for V=507
+    kw = dict(softcap=4.0, logit_scale=1.2, temperature=0.9)
+    hc, lc, hr, lr, w, b, ref_c, ref_r = pair_batch(dtype, bias=True, seed=13)
+    hc, hr, w, b = _to(hc), _to(hr), _to(w), _to(b)
+    lc, lr, ref_c, ref_r = lc.to(DEVICE), lr.to(DEVICE), ref_c.to(DEVICE), ref_r.to(DEVICE)
+    out = dpo_fast.fused_linear_dpo_loss(hc, lc, hr, lr, w, b, ref_c, ref_r, beta=0.1, loss_type="sigmoid",
+                                         impl="triton", **kw)
+    naive = oracle_dpo(hc, lc, hr, lr, w, b, ref_c, ref_r, "sigmoid", **kw)
+    truth, copies = truth_of(lambda *t: oracle_dpo(*t, ref_c, ref_r, "sigmoid", **kw), [hc, lc, hr, lr, w, b])
+    assert out.chosen_lengths.tolist() == (lc != -100).sum(-1).tolist()
+    _check("dpo loss", dtype, out.loss, naive, truth, WORST)
+    live, live64 = [hc, hr, w, b], [copies[0], copies[2], copies[4], copies[5]]
+    fast_g = torch.autograd.grad(out.loss, live)
+    for name, gf, gn, gt in zip(["dpo grad_chosen_h", "dpo grad_rejected_h", "dpo grad_weight", "dpo grad_bias"],
+                                fast_g, torch.autograd.grad(naive, live), torch.autograd.grad(truth, live64)):
+        assert gf.dtype == dtype and gf.shape == gt.shape
+        _check(name, dtype, gf, gn, gt, WORST)
+    assert (fast_g[0][lc == -100] == 0).all() and (fast_g[1][lr == -100] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autotuner_hook_arguments_are_tensors(dtype, monkeypatch):
+    """triton 3.6's autotuner zeroes every reset_to_zero and clones every restore_value
+    argument without a None check (only while tuning several configs, i.e. on a GPU): the
+    launchers must pass tensors there in every case, here without bias."""
+    seen = []
+    for tuner in (KL._bwd_tuned, KL._grad_hidden_tuned):
+        def run(*args, _orig=tuner.run, _tuner=tuner, **kwargs):
+            nargs = dict(zip(_tuner.arg_names, args))
+            for name in list(_tuner.reset_to_zero) + list(_tuner.restore_value):
+                assert isinstance(nargs[name], torch.Tensor), name
+                seen.append(name)
+            return _orig(*args, **kwargs)
+        monkeypatch.setattr(tuner, "run", run)
+    h, w, labels, _ = _inputs(dtype, {}, seed=14)
+    rows = labels.flatten() != -100
+    hr, lab = h.detach().reshape(-1, HIDDEN)[rows].contiguous(), labels.flatten()[rows].contiguous()
+    opts = LogprobOptions()
+    _, lse, _ = K.linear_logprobs_fwd(hr, w.detach(), lab, None, opts)
+    g = torch.ones(lab.shape[0], device=DEVICE)
+    K.linear_logprobs_bwd(g, hr, w.detach(), lab, None, lse, opts)
+    assert set(seen) == {"bias_partial_ptr", "c_ptr", "c_lo_ptr"}
 
 
 def test_deterministic_identical_bits():
