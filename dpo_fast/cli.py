@@ -12,7 +12,12 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "demo": "dpo_fast.demo:register",
+    "verify": "dpo_fast.trainer:register_verify",
     "example": "dpo_fast.example:register",
+    "precompute": "dpo_fast.precompute:register_precompute",
+    "cache": "dpo_fast.precompute:register_cache",
+    "bench": "dpo_fast.bench:register",
 }
 
 
