@@ -32,11 +32,22 @@ from .reference import compute_dtype
 # leaner (11 MiB peak extra forward) than 8 MiB or 16 MiB tiles.
 TILE_ELEMENTS = 1 << 19
 MAX_VOCAB_BLOCK = 8192
+BWD_TOKEN_BLOCK = 512
 
 
 def _blocks(n_tokens: int, n_vocab: int) -> tuple[int, int]:
+    """Forward tiles: wide in the vocabulary (fewer online-softmax rescales per token)."""
     vocab_block = min(n_vocab, MAX_VOCAB_BLOCK)
     token_block = max(1, min(n_tokens, TILE_ELEMENTS // vocab_block))
+    return token_block, vocab_block
+
+
+def _bwd_blocks(n_tokens: int, n_vocab: int) -> tuple[int, int]:
+    """Backward tiles: tall in tokens. ``grad_W_tile += G.T @ h_blk`` contracts over the token
+    block and rewrites the fp32 ``[vocab_block, H]`` accumulator once per token block, so a
+    taller token block means deeper matmuls and less accumulator traffic."""
+    token_block = max(1, min(n_tokens, BWD_TOKEN_BLOCK))
+    vocab_block = max(1, min(n_vocab, TILE_ELEMENTS // token_block))
     return token_block, vocab_block
 
 
@@ -142,7 +153,7 @@ def linear_logprobs_bwd(grad_log_probs, hidden, weight, labels, bias, lse, opts:
     grad_h = torch.zeros(n, hidden.shape[1], dtype=cd, device=dev) if need_h else None
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
-    token_block, vocab_block = _blocks(n, v)
+    token_block, vocab_block = _bwd_blocks(n, v)
     for v0 in range(0, v, vocab_block):
         v1 = min(v, v0 + vocab_block)
         w_tile = weight[v0:v1].to(cd)
