@@ -586,16 +586,29 @@ def register(sub):
 
 
 def _run_cli(args) -> int:
+    def error(message):
+        print(f"dpo-fast demo: error: {message}", file=sys.stderr)
+        return 2
+
     try:
         betas = tuple(float(b) for b in args.frontier_betas.split(",") if b.strip())
     except ValueError:
-        raise SystemExit(f"--frontier-betas must be comma-separated numbers, got {args.frontier_betas!r}") from None
+        return error(f"--frontier-betas must be comma-separated numbers, got {args.frontier_betas!r}")
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            return error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return error(f"--device {args.device}: CUDA is not available here")
     try:
         config = DemoConfig(model_size=args.model_size, vocab_size=args.vocab_size, steps=args.steps,
                             sft_steps=args.sft_steps, beta=args.beta, frontier_betas=betas, loss_type=args.loss_type,
                             batch_size=args.batch_size, learning_rate=args.lr, out=args.out, device=args.device,
                             seed=args.seed, progress=not args.no_progress)
     except ValueError as e:
-        raise SystemExit(f"dpo-fast demo: {e}") from None
+        return error(str(e))
     run(config)
     return 0

@@ -48,9 +48,22 @@ def _measure(fn):
 
 
 def run(args) -> int:
+    import sys
+
     import torch
 
     from . import fused_linear_dpo_loss
+    from .ops import triton_available
+
+    for flag, value in (("--pairs", args.pairs), ("--seq-len", args.seq_len), ("--vocab", args.vocab),
+                        ("--hidden", args.hidden)):
+        if value < 1:
+            print(f"dpo-fast example: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.impl == "triton" and not triton_available():
+        print("dpo-fast example: error: --impl triton needs the triton package and a CUDA device "
+              "(or TRITON_INTERPRET=1 for the CPU interpreter)", file=sys.stderr)
+        return 2
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -519,13 +520,30 @@ def register_verify(sub):
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--impl", default="auto", choices=[i for i in IMPLS if i != "reference"],
                    help="fused implementation to check (default auto: triton on CUDA, torch elsewhere)")
-    p.add_argument("--model-size", default="tiny", help="tiny, small or base (default tiny)")
+    p.add_argument("--model-size", default="tiny", choices=["tiny", "small", "base"],
+                   help="tiny, small or base (default tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_verify)
 
 
 def _run_verify(args) -> int:
-    report = verify(args.steps, loss_type=args.loss_type, beta=args.beta, impl=args.impl,
-                    model_size=args.model_size, seed=args.seed, label_smoothing=args.label_smoothing)
+    from .ops import triton_available
+
+    if args.steps < 1:
+        return _cli_error("verify", f"--steps must be >= 1, got {args.steps}")
+    if args.impl == "triton" and not triton_available():
+        return _cli_error("verify", "--impl triton needs the triton package and a CUDA device "
+                                    "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+    try:
+        report = verify(args.steps, loss_type=args.loss_type, beta=args.beta, impl=args.impl,
+                        model_size=args.model_size, seed=args.seed, label_smoothing=args.label_smoothing)
+    except ValueError as e:  # e.g. a bad --beta or --label-smoothing
+        return _cli_error("verify", str(e))
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _cli_error(command: str, message: str) -> int:
+    """A user error as one line on stderr, exit status 2 (as argparse and the other subcommands do)."""
+    print(f"dpo-fast {command}: error: {message}", file=sys.stderr)
+    return 2

@@ -86,11 +86,11 @@ def test_demo_bad_config(kwargs, match):
         DemoConfig(**kwargs)
 
 
-def test_demo_cli_rejects_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit, match="--frontier-betas must be comma-separated numbers"):
-        main(["demo", "--frontier-betas", "0.1,x", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="dpo-fast demo: loss_type must be one of"):
-        main(["demo", "--loss-type", "dpo", "--out", str(tmp_path)])
+def test_demo_cli_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["demo", "--frontier-betas", "0.1,x", "--out", str(tmp_path)]) == 2
+    assert "dpo-fast demo: error: --frontier-betas must be comma-separated numbers" in capsys.readouterr().err
+    assert main(["demo", "--loss-type", "dpo", "--out", str(tmp_path)]) == 2
+    assert "dpo-fast demo: error: loss_type must be one of" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- the synthetic task

@@ -64,6 +64,17 @@ def test_verify_cli_prints_the_figures(capsys):
     assert "max |loss diff|" in out and "max |parameter diff|" in out and "PASS" in out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "--steps", "0"], "--steps must be >= 1"),
+    (["verify", "--beta", "-1"], "beta must be a finite number > 0"),
+    (["example", "--pairs", "0"], "--pairs must be >= 1"),
+])
+def test_cli_user_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dpo-fast {argv[0]}: error: ") and message in err and "Traceback" not in err
+
+
 def test_reference_impl_is_the_models_own_logits(tokenizer):
     """impl="reference" == log_softmax of model(...).logits written out here; fused == reference."""
     model = build_model(tokenizer, "tiny", seed=3)
