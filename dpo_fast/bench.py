@@ -19,9 +19,7 @@ Every number in a results folder comes from the pytest-benchmark JSON; nothing i
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
-import gc
 import json
 import math
 import os
@@ -35,27 +33,6 @@ from pathlib import Path
 # ---------------------------------------------------------------------------------------
 # Measurement primitives
 # ---------------------------------------------------------------------------------------
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _trim_host_heap():
-    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``).
-
-    Without it, blocks freed by earlier calls stay resident and a call that reuses them
-    shows no RSS growth. After a trim, any reuse faults the pages in again and counts in
-    ``VmHWM`` (checked by tests/test_bench.py: a call allocating 3 x 16 MiB reads 48 MiB).
-    The allocator's settings are left alone: forcing mmap for large blocks would make
-    every timed call pay page faults (measured 1000x slower on small ops here).
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
 
 def synchronize(device) -> None:
     """Wait for every queued kernel on ``device`` (a no-op on CPU)."""
@@ -77,27 +54,18 @@ def peak_memory(fn, device):
     """
     import torch
 
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = fn()
-        synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del result
-        return max(int(peak), 0), "cuda.max_memory_allocated - memory_allocated"
-    if device.type == "cpu":
-        from .memory import peak_rss_extra, rss_peak_supported
+    from .memory import measure_peak, rss_peak_supported
 
-        if not rss_peak_supported():
-            return None, "no /proc/self/clear_refs here: peak RSS cannot be reset"
-        _trim_host_heap()
-        result, extra = peak_rss_extra(fn)
-        del result
-        return max(int(extra), 0), "VmHWM - VmRSS (/proc/self/clear_refs reset)"
-    return None, f"peak memory not measured on {device.type}"
+    device = torch.device(device)
+    if device.type == "cpu" and not rss_peak_supported():
+        return None, "no /proc/self/clear_refs here: peak RSS cannot be reset"
+    result, peak, _ = measure_peak(fn, device)
+    del result
+    if peak is None:
+        return None, f"peak memory not measured on {device.type}"
+    if device.type == "cuda":
+        return max(int(peak), 0), "cuda.max_memory_allocated - memory_allocated"
+    return max(int(peak), 0), "VmHWM - VmRSS (/proc/self/clear_refs reset)"
 
 
 def time_call(fn, device, rounds: int = 5, warmup: int = 1) -> list[float]:

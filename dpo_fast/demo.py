@@ -18,14 +18,14 @@
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+
+from .memory import measure_peak
 
 DEFAULT_OUT = os.path.join("out", "demo")
 
@@ -113,41 +113,6 @@ class Printer:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _release_memory(device):
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def measure_peak(fn, device):
-    """``(result, peak extra bytes, seconds)``: CUDA max_memory_allocated, else peak RSS (Linux)."""
-    import torch
-
-    from .memory import peak_rss_extra, rss_peak_supported
-
-    _release_memory(device)
-    start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    elif rss_peak_supported():
-        result, peak = peak_rss_extra(fn)
-    else:
-        result, peak = fn(), float("nan")
-    return result, peak, time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------- SFT
@@ -480,6 +445,7 @@ def run(config: DemoConfig, out=None) -> DemoResult:
         tr = make_trainer(config.beta, impl)
         tr.train_step()  # warm-up step, not timed (Triton compilation on GPU)
         recs, peak, _ = measure_peak(lambda: [tr.train_step() for _ in range(n_cmp)], device)
+        peak = float("nan") if peak is None else peak
         times = sorted(r.seconds for r in recs)
         median = times[len(times) // 2]
         comparison[name] = {"impl": impl, "median_step_s": median, "peak_extra_bytes": peak,

@@ -6,9 +6,6 @@ extra memory of each and their agreement (loss and every gradient).
 """
 from __future__ import annotations
 
-import ctypes
-import gc
-import time
 
 
 def register(sub):
@@ -21,38 +18,13 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _measure(fn):
-    import torch
-
-    from .memory import peak_rss_extra, rss_peak_supported
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        result = fn()
-        torch.cuda.synchronize()
-        return result, torch.cuda.max_memory_allocated() - base, time.perf_counter() - start
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    start = time.perf_counter()
-    if rss_peak_supported():
-        result, peak = peak_rss_extra(fn)
-    else:
-        result, peak = fn(), float("nan")
-    return result, peak, time.perf_counter() - start
-
-
 def run(args) -> int:
     import sys
 
     import torch
 
     from . import fused_linear_dpo_loss
+    from .memory import measure_peak
     from .ops import triton_available
 
     for flag, value in (("--pairs", args.pairs), ("--seq-len", args.seq_len), ("--vocab", args.vocab),
@@ -85,8 +57,9 @@ def run(args) -> int:
         return out.loss.detach(), [x.grad for x in leaves]
 
     step(args.impl if args.impl != "auto" else "auto")  # warm-up (and Triton compilation on GPU)
-    (loss_f, grads_f), mem_f, time_f = _measure(lambda: step(args.impl))
-    (loss_r, grads_r), mem_r, time_r = _measure(lambda: step("reference"))
+    (loss_f, grads_f), mem_f, time_f = measure_peak(lambda: step(args.impl), device)
+    (loss_r, grads_r), mem_r, time_r = measure_peak(lambda: step("reference"), device)
+    mem_f, mem_r = (float("nan") if m is None else m for m in (mem_f, mem_r))
     logits_mib = n_tokens * v * 4 / 2**20
     print(f"dpo_fast example on {device}: {b} pairs x 2 x {t} tokens ({n_tokens} completion tokens), "
           f"V={v}, H={h}; naive fp32 logits alone = {logits_mib:.0f} MiB")

@@ -65,7 +65,10 @@ class DPOOutput:
     rejected_lengths: torch.Tensor | None = None
 
 
-def _check_options(types, weights, beta, label_smoothing, discopop_tau):
+def _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau):
+    """Validate the loss options; return ``(loss type names, one float weight per name)``."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
     if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not types:
@@ -89,6 +92,7 @@ def _check_options(types, weights, beta, label_smoothing, discopop_tau):
         raise ValueError(f"loss_weights must have one weight per loss type ({len(types)}), got {len(weights)}")
     if "discopop" in types and (not math.isfinite(discopop_tau) or discopop_tau <= 0):
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    return types, weights
 
 
 def _smoothed_logistic(x, eps):
@@ -175,9 +179,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
     Returns:
         :class:`DPOOutput`.
     """
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
-    _check_options(types, weights, beta, label_smoothing, discopop_tau)
+    types, weights = _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau)
     check_float("policy_chosen_logps", policy_chosen_logps, dim=1)
     batch, device = policy_chosen_logps.shape[0], policy_chosen_logps.device
     if batch == 0:
@@ -330,9 +332,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
                            logit_scale=logit_scale, softcap=softcap, temperature=temperature, impl=impl,
                            deterministic=deterministic)
         # Validate the loss options now rather than at the first step.
-        types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        _check_options(types, [1.0] * len(types) if loss_weights is None else list(loss_weights), beta,
-                       label_smoothing, discopop_tau)
+        _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau)
         LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
 
     def forward(self, chosen_hidden, chosen_labels, rejected_hidden, rejected_labels, weight, bias=None,

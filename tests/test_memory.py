@@ -17,9 +17,9 @@ NAIVE_LOGITS_BYTES = 4096 * 131072 * 4
 
 PROBE = textwrap.dedent(
     """
-    import ctypes, gc, json, torch
+    import gc, json, torch
     from dpo_fast import linear_logprobs
-    from dpo_fast.memory import peak_rss_extra
+    from dpo_fast.memory import peak_rss_extra, trim_host_heap
     torch.manual_seed(0)
     N, V, H = 4096, 131072, 64
     hidden = torch.randn(N, H, requires_grad=True)
@@ -28,11 +28,10 @@ PROBE = textwrap.dedent(
     # Warm-up at a small size: thread pools, allocator arenas, lazy imports.
     linear_logprobs(hidden[:64], weight[:4096], labels[:64] % 4096, impl="torch").sum().backward()
     hidden.grad = weight.grad = None
-    libc = ctypes.CDLL("libc.so.6")
-    gc.collect(); libc.malloc_trim(0)  # return freed heap pages so the baseline RSS is honest
+    gc.collect(); trim_host_heap()  # return freed heap pages so the baseline RSS is honest
     out, fwd = peak_rss_extra(linear_logprobs, hidden, weight, labels, impl="torch")
     loss = out.sum()
-    gc.collect(); libc.malloc_trim(0)
+    gc.collect(); trim_host_heap()
     _, bwd = peak_rss_extra(loss.backward)
     print(json.dumps({"forward": fwd, "backward": bwd, "finite": bool(torch.isfinite(out).all()),
                       "grad_weight_nonzero": bool(weight.grad.abs().sum() > 0)}))
@@ -56,19 +55,18 @@ def test_torch_path_peak_memory_under_ten_percent_of_naive_logits():
 
 LOGITS_PROBE = textwrap.dedent(
     """
-    import ctypes, gc, json, torch
+    import gc, json, torch
     from dpo_fast import logits_logprobs
-    from dpo_fast.memory import peak_rss_extra
+    from dpo_fast.memory import peak_rss_extra, trim_host_heap
     N, V = 4096, 32768
     logits = torch.randn(N, V).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, V, (N,))
     logits_logprobs(logits[:8], labels[:8], impl="torch").sum().backward()
     logits.grad = None
-    libc = ctypes.CDLL("libc.so.6")
-    gc.collect(); libc.malloc_trim(0)
+    gc.collect(); trim_host_heap()
     out, fwd = peak_rss_extra(logits_logprobs, logits, labels, impl="torch")
     loss = out.sum()
-    gc.collect(); libc.malloc_trim(0)
+    gc.collect(); trim_host_heap()
     _, bwd = peak_rss_extra(loss.backward)
     print(json.dumps({"forward": fwd, "backward": bwd, "grad_dtype": str(logits.grad.dtype)}))
     """
