@@ -3,9 +3,35 @@
 A causal LM's forward is ``logits = f(lm_head(backbone(input_ids).last_hidden_state))`` where
 ``f`` is the identity for most models and a scale and/or tanh softcap for some
 (Gemma 2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite ``logits_scaling``,
-Falcon-H1 ``lm_head_multiplier``, ...). This module runs only the backbone, reads the lm_head
-weight/bias and ``f`` from the model (:func:`lm_head_spec`), and hands the hidden states to
-:func:`dpo_fast.linear_logprobs`, which never forms the logits.
+Falcon-H1 ``lm_head_multiplier``, ...). :func:`lm_head_spec` reads the lm_head module and ``f``
+from the model; :func:`dpo_fast.linear_logprobs` then gives the log-probs without forming the logits.
+
+How the head is reached (:func:`fused_head_logprobs`, used by every entry point that has a
+model): the model's OWN forward runs (``model(input_ids=..., use_cache=False)``, through whatever
+wraps it) while the lm_head module's ``forward`` is temporarily replaced by one that computes the
+fused log-probs from its input hidden states and its own ``weight``/``bias`` and returns them
+(``[..., 1]``) in place of the logits. The model's post-processing of that small tensor is
+ignored (its transform ``f`` is applied inside, from :func:`lm_head_spec`), and no weight is ever
+read outside a forward. Why this design rather than running ``model.base_model`` and reading
+``lm_head.weight``: a sharded model only holds a usable weight inside the forward of the module
+that owns it, and every framework already does the right thing for a module call:
+
+* FSDP2 (``fully_shard``): the lm_head's unit (its own, or the root's) is unsharded by its
+  pre-forward hook in the ``MixedPrecisionPolicy`` param dtype; its post-forward hook puts the
+  pre-backward hook on the tensor the head returned, so the recomputing backward finds the
+  weight unsharded again, and the gradient is reduce-scattered in the reduce dtype
+  (``set_requires_gradient_sync(False)`` accumulates as for any module). Tied embeddings are
+  one parameter in one unit. The fused result is also tied (a zero-gradient edge) to the
+  model's own output, on which the root unit's hook sits, so the root's backward hooks and
+  final callback run exactly as for a plain-logits forward.
+* DeepSpeed ZeRO-3: the engine gathers the head's parameters in the head's pre-forward hook,
+  re-gathers them in the pre-backward hook it attaches to the head's output, and every rank
+  makes the same calls whatever its token count (the head is called once per forward even with
+  no scored token). Tied weights are the engine's usual shared parameter.
+* DDP: the forward goes through the ``DistributedDataParallel`` wrapper, so its reducer
+  expects and all-reduces every gradient, the head's included.
+
+A DTensor weight seen *inside* the head's forward (tensor parallel) is not handled here.
 
 :func:`check_lm_head_spec` compares the result with the model's own logits on a short input:
 it is the guard against an architecture that transforms its logits in a way this module
@@ -13,7 +39,9 @@ does not know about (``dpo-fast precompute`` runs it before computing anything).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +58,7 @@ __all__ = [
     "completion_logps",
     "sequence_logps_from_model",
     "check_lm_head_spec",
+    "fused_head_logprobs",
 ]
 
 
@@ -48,8 +77,17 @@ class LMHeadSpec:
     softcap: float | None
 
 
+def _unwrap_wrappers(model):
+    """The model inside DistributedDataParallel / a DeepSpeed engine (their ``.module``), else ``model``."""
+    while (not callable(getattr(model, "get_output_embeddings", None))
+           and isinstance(getattr(model, "module", None), torch.nn.Module)):
+        model = model.module
+    return model
+
+
 def _unwrap_peft(model):
     """The transformers model inside a PEFT wrapper (LoRA layers stay injected), else ``model``."""
+    model = _unwrap_wrappers(model)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         config = getattr(model, "active_peft_config", None)
         if config is not None and getattr(config, "is_prompt_learning", False):
@@ -79,6 +117,23 @@ def _number(name, value):
 
 
 def _output_embedding(model):
+    head = _head_module(model)
+    weight = getattr(head, "weight", None)
+    # A ZeRO-3 partitioned parameter is empty outside its module's forward; ds_shape is its real shape.
+    shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
+        raise ValueError(
+            f"model's output embedding {type(head).__name__} has no 2-D .weight; dpo_fast supports a linear lm_head"
+        )
+    bias = getattr(head, "bias", None)
+    if bias is not None and (not isinstance(bias, torch.Tensor)
+                             or tuple(getattr(bias, "ds_shape", bias.shape)) != (shape[0],)):
+        raise ValueError(f"model's lm_head bias must have shape [{shape[0]}], got {getattr(bias, 'shape', bias)}")
+    return weight, bias
+
+
+def _head_module(model):
+    """The module whose ``weight``/``bias`` make the logits (PEFT wrappers resolved)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None:
@@ -102,15 +157,7 @@ def _output_embedding(model):
                 "Merge it (model.merge_adapter()) or leave lm_head out of the LoRA target_modules."
             )
         head = head.base_layer
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(
-            f"model's output embedding {type(head).__name__} has no 2-D .weight; dpo_fast supports a linear lm_head"
-        )
-    bias = getattr(head, "bias", None)
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"model's lm_head bias must have shape [{weight.shape[0]}], got {getattr(bias, 'shape', bias)}")
-    return weight, bias
+    return head
 
 
 def lm_head_spec(model) -> LMHeadSpec:
@@ -198,22 +245,191 @@ def _check_batch(input_ids, attention_mask, completion_mask):
                          "completion tokens must be attended")
 
 
-def _head_operands(hidden, spec: LMHeadSpec):
-    """Hidden, weight, bias in the dtype the model's own lm_head matmul would use."""
-    weight, bias = spec.weight, spec.bias
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
-    hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)
-    weight = weight if weight.dtype == dtype else weight.to(dtype)
+# ----------------------------------------------------------------------------- the head inside the model's forward
+
+_ACTIVE = set()                 # ids of head modules whose forward is replaced right now
+_ACTIVE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _replaced_head_forward(head, fn):
+    """Within the block, ``head(x)`` runs ``fn(head, x, original_forward)`` (hooks unchanged).
+
+    Yields a record whose ``"output"`` is what the head's ``__call__`` returned (after every
+    forward hook a framework registered, which may replace the tensor) and ``"calls"`` how
+    often it ran. The instance's own ``forward`` attribute, if any, is restored in ``finally``.
+    """
+    with _ACTIVE_LOCK:
+        if id(head) in _ACTIVE:
+            raise RuntimeError(f"the output embedding {type(head).__name__} is already running a dpo_fast fused head "
+                               "(a re-entrant or concurrent call on the same model); run one forward at a time")
+        _ACTIVE.add(id(head))
+    record = {"calls": 0, "output": None}
+    had_own = "forward" in head.__dict__
+    original = head.forward
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs:
+            raise TypeError(f"dpo_fast's fused head expects the output embedding to be called with the hidden states "
+                            f"only; {type(head).__name__} got {len(args)} more positional and {sorted(kwargs)} "
+                            "keyword arguments")
+        record["calls"] += 1
+        if record["calls"] > 1:
+            raise RuntimeError("the model's forward called its output embedding more than once; dpo_fast's fused head "
+                               "supports one lm_head call per forward")
+        return fn(head, x, original)
+
+    def capture(module, inputs, output):
+        record["output"] = output
+
+    head.forward = forward
+    handle = head.register_forward_hook(capture)
+    try:
+        yield record
+    finally:
+        handle.remove()
+        if had_own:
+            head.forward = original
+        else:
+            del head.forward
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(id(head))
+
+
+class _Anchor(torch.autograd.Function):
+    """``value`` unchanged; each anchor gets a zero gradient, so backward hooks on it (a
+    framework's pre-backward hooks on a module's output) run before ``value``'s producer."""
+
+    @staticmethod
+    def forward(ctx, value, *anchors):
+        ctx.specs = [(a.shape, a.dtype, a.device) for a in anchors]
+        return value.clone()  # not a view: FSDP2 warns about hooks on views
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs))
+
+
+def _grad_tensors(out):
+    """The model output's logits (or first tuple element) when it takes part in autograd."""
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    return [logits] if isinstance(logits, torch.Tensor) and logits.requires_grad else []
+
+
+def _cast_operands(hidden, weight, bias, dtype=None):
+    """Hidden, weight, bias in ``dtype``, else the autocast dtype, else the weight's dtype."""
+    if dtype is None:
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    hidden, weight = (t if t.dtype == dtype else t.to(dtype) for t in (hidden, weight))
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     if weight.device != hidden.device:
         raise ValueError(f"the lm_head weight is on {weight.device} but the hidden states are on {hidden.device}; "
                          "models split across devices are not supported")
     return hidden, weight, bias
+
+
+def _local_head_params(head):
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if type(weight).__name__ == "DTensor" or weight.dim() != 2:
+        raise ValueError(
+            f"the lm_head weight inside the model's forward is a {type(weight).__name__} of shape "
+            f"{tuple(weight.shape)}, not a full [V, H] tensor (a tensor-parallel lm_head, or a sharding framework "
+            "this path does not know); the fused head needs the full weight inside the head's forward")
+    return weight, bias
+
+
+def fused_head_logprobs(model, labels, *, index=None, impl="auto", outputs=("log_probs",), temperature=1.0,
+                        head_dtype=None, forward=None, **model_kwargs):
+    """Run the model's own forward with its lm_head computing fused log-probs instead of logits.
+
+    Equivalent to::
+
+        out = model(**model_kwargs, use_cache=False)
+        z = f(out.logits).float() / temperature        # f: lm_head_spec's scale and softcap
+        if index is not None: z = z.reshape(-1, V)[index]
+        log_probs = z.log_softmax(-1).gather(-1, labels[..., None])[..., 0]   # 0 where labels == -100
+
+    without forming the logits: the output embedding's forward is replaced, for this call, by
+    one that runs :func:`dpo_fast.linear_logprobs` on its input hidden states with its own
+    weight and bias (see the module docstring for why this is right under FSDP2, ZeRO-3, DDP).
+    The model must call its output embedding exactly once, on all positions
+    (``logits_to_keep=0``, the default of transformers models).
+
+    Args:
+        model: a transformers causal LM, possibly wrapped (PEFT, FSDP2, DDP, DeepSpeed engine).
+        labels: integer token ids, -100 for positions to skip. Without ``index``: the shape of
+            the head's input rows (``[B, T]`` for ``input_ids [B, T]``); label t scores the
+            logits of position t (shift them yourself). With ``index``: ``[N]``.
+        index: optional ``[N]`` int64 flat indices into the head's ``B * T`` input rows; only
+            those rows are scored (packed or shared-prompt layouts).
+        impl, outputs, temperature: as in :func:`dpo_fast.linear_logprobs`.
+        head_dtype: run the head in this dtype (default: the autocast dtype when autocast is
+            on, else the dtype of the weight inside the forward, e.g. FSDP2's param dtype).
+        forward: callable to invoke instead of ``model`` (e.g. an unpatched bound forward).
+        **model_kwargs: passed to the forward (``input_ids``, ``attention_mask``,
+            ``position_ids``, a 4-D mask, ...); ``use_cache`` is forced to False.
+    Returns:
+        ``(result, model_output)``: ``result`` as :func:`dpo_fast.linear_logprobs` returns it
+        (float32 ``labels.shape`` tensor, or a dict), gradients flowing to the model;
+        ``model_output`` the model's own output (its ``logits`` are meaningless; use e.g. its
+        ``aux_loss``).
+    """
+    opts = LogprobOptions(temperature=temperature, outputs=outputs)
+    spec = lm_head_spec(model)
+    head = _head_module(_unwrap_peft(model))
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got "
+                        f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if index is not None:
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.dim() != 1:
+            raise TypeError("index must be a 1-D int64 tensor of flat row indices")
+        if tuple(labels.shape) != tuple(index.shape):
+            raise ValueError(f"labels must have the shape of index {tuple(index.shape)}, got {tuple(labels.shape)}")
+    if head_dtype is not None and head_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"head_dtype must be a floating dtype, got {head_dtype!r}")
+    holder = {}
+
+    def head_forward(module, x, original):
+        weight, bias = _local_head_params(module)
+        if index is None:
+            if tuple(x.shape[:-1]) != tuple(labels.shape):
+                raise ValueError(f"the model called its lm_head on hidden states of shape {tuple(x.shape)}, which do not "
+                                 f"match labels of shape {tuple(labels.shape)} (does the model slice the positions, "
+                                 "e.g. logits_to_keep?)")
+            rows = x
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= flat.shape[0]):
+                raise ValueError(f"index must hold row indices in [0, {flat.shape[0]}) of the head's input rows")
+            rows = flat.index_select(0, index.to(x.device))
+        rows, weight, bias = _cast_operands(rows, weight, bias, head_dtype)
+        with torch.autocast(rows.device.type, enabled=False):
+            result = linear_logprobs(rows, weight, labels.to(rows.device), bias, ignore_index=-100,
+                                     logit_scale=spec.logit_scale, softcap=spec.softcap, temperature=temperature,
+                                     outputs=opts.outputs, impl=impl)
+        holder["result"] = result
+        log_probs = result["log_probs"] if isinstance(result, dict) else result
+        holder["log_probs"] = log_probs
+        return log_probs.unsqueeze(-1).clone()  # what the model post-processes, and frameworks hook
+
+    model_kwargs["use_cache"] = False
+    with _replaced_head_forward(head, head_forward) as record:
+        out = (model if forward is None else forward)(**model_kwargs)
+    if record["calls"] == 0:
+        raise RuntimeError(f"{type(_unwrap_peft(model)).__name__}'s forward never called its output embedding "
+                           f"({type(head).__name__}); dpo_fast's fused head cannot run inside it")
+    result, log_probs = holder["result"], holder["log_probs"]
+    if log_probs.requires_grad:
+        anchors = [t for t in [record["output"], *_grad_tensors(out)]
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        if anchors:
+            log_probs = _Anchor.apply(log_probs, *anchors)
+        result = {**result, "log_probs": log_probs} if isinstance(result, dict) else log_probs
+    return result, out
 
 
 def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl="auto", outputs=("log_probs",),
@@ -231,11 +447,12 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
     ``completion_mask[:, t+1]`` is set and 0 elsewhere; the last column is always 0 (and a
     completion token at position 0, having no prefix, is never scored).
 
-    The backbone runs with ``use_cache=False``; its full, contiguous ``last_hidden_state`` goes
-    to :func:`dpo_fast.linear_logprobs` with left-shifted labels (-100 at the last position and
-    at non-completion positions), so no hidden-state slice is copied and prompt/padding rows cost
-    no vocabulary work. Under autocast the lm_head operands are cast to the autocast dtype, as
-    the model's own ``nn.Linear`` would be.
+    The model's own forward runs (``use_cache=False``) with its lm_head replaced, for this
+    call, by :func:`dpo_fast.linear_logprobs` on the full, contiguous hidden states with
+    left-shifted labels (-100 at the last position and at non-completion positions), so
+    prompt/padding rows cost no vocabulary work (:func:`fused_head_logprobs`; this is what
+    makes FSDP2, DeepSpeed ZeRO-3 and DDP models work). Under autocast the lm_head operands are
+    cast to the autocast dtype, as the model's own ``nn.Linear`` would be.
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``, GPT-2 style ``*LMHeadModel``,
@@ -250,16 +467,11 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
     """
     LogprobOptions(temperature=temperature, outputs=outputs)  # validate before any compute
     _check_batch(input_ids, attention_mask, completion_mask)
-    spec = lm_head_spec(model)
     labels = torch.full_like(input_ids, -100, dtype=torch.long)
     labels[:, :-1] = input_ids[:, 1:].masked_fill(~completion_mask[:, 1:].bool(), -100)
-    hidden = backbone_hidden_states(model, input_ids, attention_mask)
-    hidden, weight, bias = _head_operands(hidden, spec)
-    # The operands now have the dtype autocast chose; inside, the fused op accumulates in fp32 on
-    # its own terms, which autocast must not override (it would recast the fp32 tiles to bf16).
-    with torch.autocast(hidden.device.type, enabled=False):
-        return linear_logprobs(hidden, weight, labels, bias, ignore_index=-100, logit_scale=spec.logit_scale,
-                               softcap=spec.softcap, temperature=temperature, outputs=outputs, impl=impl)
+    result, _ = fused_head_logprobs(model, labels, impl=impl, outputs=outputs, temperature=temperature,
+                                    input_ids=input_ids, attention_mask=attention_mask)
+    return result
 
 
 def sequence_logps_from_model(model, input_ids, attention_mask, completion_mask, **kwargs):
@@ -290,30 +502,44 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
     way dpo_fast does not know, and its log-probs would be wrong. Returns the largest difference.
     """
     spec = lm_head_spec(model)
+    head = _head_module(_unwrap_peft(model))
     device = spec.weight.device
     if input_ids is None:
-        n_vocab = spec.weight.shape[0]
+        n_vocab = tuple(getattr(spec.weight, "ds_shape", spec.weight.shape))[0]
         input_ids = (torch.arange(8, device=device) * 7919 % max(1, min(n_vocab, 1000))).unsqueeze(0)
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.double()
-        hidden = backbone_hidden_states(model, input_ids, attention_mask)
-        hidden, weight, bias = _head_operands(hidden, spec)
-        s = hidden @ weight.T
+    captured = {}
+
+    def head_forward(module, x, original):
+        # Inside the head's forward a sharded weight is whole: rebuild the logits from it, as the
+        # fused path will, next to what the module itself returns.
+        weight, bias = _local_head_params(module)
+        rows, weight, bias = _cast_operands(x, weight, bias)
+        s = rows @ weight.T
         if bias is not None:
             s = s + bias
         z = s.double() * spec.logit_scale
         if spec.softcap is not None:
             z = spec.softcap * torch.tanh(z / spec.softcap)
+        captured["z"], captured["dtype"] = z, weight.dtype
+        return original(x)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _replaced_head_forward(head, head_forward) as record:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.double()
     finally:
         model.train(was_training)
+    if record["calls"] != 1:
+        raise RuntimeError(f"{type(_unwrap_peft(model)).__name__}'s forward called its output embedding "
+                           f"{record['calls']} times (expected once)")
+    z = captured["z"]
     if tuple(z.shape) != tuple(logits.shape):
         raise ValueError(f"{type(model).__name__}: the lm_head gives logits of shape {tuple(z.shape)} but the model "
                          f"returns {tuple(logits.shape)}; this architecture is not supported")
-    low = weight.dtype in (torch.float16, torch.bfloat16)
+    low = captured["dtype"] in (torch.float16, torch.bfloat16)
     rtol = (2e-2 if low else 1e-4) if rtol is None else rtol
     atol = (2e-2 if low else 1e-4) if atol is None else atol
     diff = (z - logits).abs()
