@@ -20,8 +20,13 @@ softcapping). Two ways to use it:
   can read the reference log-probs from a dpo_fast cache (``ref_logps_cache=``), so that no
   reference model is ever built or held in memory.
 
-Differences from TRL's own head, by design: ``entropy`` carries no gradient (DPOTrainer only
-logs it), and DeepSpeed ZeRO-3 sharded heads are not supported (a clear error says so).
+The head runs inside the model's own forward (:func:`dpo_fast.integrations.hf.fused_head_logprobs`):
+the lm_head module's forward computes the fused log-probs from its input and its own weight, so
+FSDP2 (lm_head in the root unit or its own, tied, mixed precision), DeepSpeed ZeRO-2/3 and DDP
+unshard or gather it and reduce its gradient exactly as for a plain-logits forward. (TRL 1.16's
+own head reads ``weight.full_tensor()`` outside the forward, whose backward keeps each rank's
+local, un-averaged gradient.) Difference from TRL's own head, by design: ``entropy`` carries no
+gradient (DPOTrainer only logs it).
 """
 from __future__ import annotations
 
@@ -70,22 +75,9 @@ import trl.trainer.dpo_trainer as _dpo_module  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
 
-from ..ops import linear_logprobs  # noqa: E402
-from .hf import lm_head_spec  # noqa: E402
+from .hf import fused_head_logprobs, lm_head_spec  # noqa: E402
 
 _TRL_ADD_FUSED_LM_HEAD = _dpo_module.add_fused_lm_head
-
-
-def _head_tensors(hidden, weight, bias, cast_lm_head_to_fp32):
-    """The hidden rows, weight and bias in the dtype the head's matmul would run in."""
-    device_type = hidden.device.type
-    if cast_lm_head_to_fp32:
-        dtype = torch.float32
-    elif torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias))
 
 
 def _router_aux_loss(model, backbone_outputs, attention_mask):
@@ -139,29 +131,23 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             return original_forward(*args, **kwargs)
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels (or shift_labels): the next-token ids to score, -100 elsewhere")
-        kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        # Looked up on every call: PEFT and FSDP replace modules after patching.
-        spec = lm_head_spec(self)
-        backbone_outputs = self.base_model(*args, **kwargs)
-        hidden = backbone_outputs.last_hidden_state
         if shift_labels is None:
-            hidden, targets = hidden[:, :-1], labels[:, 1:]
+            targets = labels[:, 1:]
+            head_labels = torch.nn.functional.pad(targets, (0, 1), value=-100)
         else:
-            targets = shift_labels
-        weight, bias = spec.weight, spec.bias
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor shard -> the full head
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        if weight.numel() == 0:
-            raise RuntimeError("the lm_head weight is empty here (DeepSpeed ZeRO-3 sharding?); "
-                               "dpo_fast's fused head does not support ZeRO-3 partitioned heads")
-        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
-        hidden, weight, bias = _head_tensors(hidden, weight, bias, cast_lm_head_to_fp32)
-        with torch.autocast(hidden.device.type, enabled=False):
-            result = linear_logprobs(hidden, weight, targets, bias, ignore_index=-100, logit_scale=spec.logit_scale,
-                                     softcap=spec.softcap, temperature=temperature, outputs=requested, impl=impl)
+            targets = head_labels = shift_labels
+        # The model's own forward runs with its lm_head computing the fused log-probs inside it (read
+        # on every call: PEFT and FSDP replace modules after patching), so FSDP2, ZeRO-3 and DDP
+        # unshard/gather the head and reduce its gradient as for any module (see integrations.hf).
+        result, model_outputs = fused_head_logprobs(
+            self, head_labels, impl=impl, outputs=requested, temperature=temperature,
+            head_dtype=torch.float32 if cast_lm_head_to_fp32 else None,
+            forward=functools.partial(original_forward, *args), **kwargs)
+        if shift_labels is None:
+            result = {name: value[:, :-1] for name, value in result.items()} if isinstance(result, dict) \
+                else result[:, :-1]
         mask = targets != -100
         log_probs = result["log_probs"] if isinstance(result, dict) else result
         fields = result if isinstance(result, dict) else {"log_probs": log_probs}
@@ -169,7 +155,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         loss = -log_probs.sum() / count
         aux_loss = None
         if kwargs.get("output_router_logits"):
-            aux_loss = _router_aux_loss(self, backbone_outputs, kwargs.get("attention_mask"))
+            aux_loss = getattr(model_outputs, "aux_loss", None)
+            if aux_loss is None:
+                aux_loss = _router_aux_loss(self, model_outputs, kwargs.get("attention_mask"))
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss,
                                    **{name: fields.get(name) for name in _TRL_OUTPUTS})
