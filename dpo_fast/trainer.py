@@ -162,6 +162,14 @@ def disable_dropout(model):
             module.p = 0.0
 
 
+def reshard_fsdp(model):
+    """Reshard every FSDP2 unit of ``model`` (a no-grad forward leaves the root unit unsharded,
+    holding its full parameters, until a backward that never comes); no-op for other models."""
+    for module in model.modules():
+        if callable(getattr(module, "reshard", None)) and callable(getattr(module, "_get_fsdp_state", None)):
+            module.reshard()
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -190,6 +198,7 @@ class ReferenceTable:
                     table.values[ex.key] = (c, r)
         finally:
             model.train(was_training)
+            reshard_fsdp(model)
         return table
 
     def lookup(self, examples):
@@ -261,6 +270,11 @@ class StandardTrainer:
         if config.disable_dropout:
             disable_dropout(model)
         self.device = model_device(model)
+        # Built before any forward: after a forward FSDP2's root unit stays unsharded until its
+        # backward, and model.parameters() would then list the unsharded tensors, not the shards.
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.adam_betas),
+                                           eps=config.adam_eps, weight_decay=config.weight_decay)
         self.ref_model = ref_model
         self.ref_table = None
         if not config.reference_free and ref_model is None:
@@ -274,9 +288,6 @@ class StandardTrainer:
             else:
                 self.ref_table = open_reference_cache(ref_cache, self.examples, max_length=config.max_length,
                                                       truncation_mode=config.truncation_mode)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.adam_betas),
-                                           eps=config.adam_eps, weight_decay=config.weight_decay)
         self.rng = random.Random(config.seed)
         self._order: list[int] = []
         self.step = 0
@@ -305,6 +316,7 @@ class StandardTrainer:
             return None, None
         if self.ref_model is not None:
             rc, rr = sequence_sums(self.ref_model, batch, self.config.impl)
+            reshard_fsdp(self.ref_model)
         elif isinstance(self.ref_table, ReferenceTable):
             rc, rr = self.ref_table.lookup(examples)
         else:
