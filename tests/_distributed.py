@@ -153,6 +153,11 @@ def mean_over_ranks(value):
     return float(t) / dist.get_world_size()
 
 
+def named(model):
+    """Parameters by name, without a DDP / DeepSpeed engine ``module.`` prefix."""
+    return [(n.removeprefix("module."), p) for n, p in model.named_parameters()]
+
+
 def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -202,10 +207,10 @@ def fsdp_run(model, batches, rank, world, *, steps=2, micro=1, entry="completion
             total += mean_over_ranks(loss)
         losses.append(total)
         if grads is None:
-            grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
+            grads = {n: full(p.grad).detach().clone() for n, p in named(model)}
         opt.step()
     return {"losses": losses, "grads": grads,
-            "params": {n: full(p).detach().clone() for n, p in model.named_parameters()}}
+            "params": {n: full(p).detach().clone() for n, p in named(model)}}
 
 
 def group_fsdp2(rank, world):
@@ -329,8 +334,8 @@ def _trainer_check(rank, world, wrap, name):
     for _ in range(2):
         losses.append(trainer.train_step().loss)
         if grads is None:
-            grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
-    multi = {"losses": losses, "grads": grads, "params": {n: full(p).detach().clone() for n, p in model.named_parameters()}}
+            grads = {n: full(p.grad).detach().clone() for n, p in named(model)}
+    multi = {"losses": losses, "grads": grads, "params": {n: full(p).detach().clone() for n, p in named(model)}}
     if rank == 0:
         out.append(compare(name, single, multi, entry="StandardTrainer (reference pass + train_step)"))
     return out
@@ -347,8 +352,6 @@ def group_ddp(rank, world):
         single = single_run(build_model(tied=tied), batches) if rank == 0 else None
         model = DDP(build_model(tied=tied))
         multi = fsdp_run(model, batches, rank, world)
-        multi = {k: ({n.removeprefix("module."): t for n, t in v.items()} if isinstance(v, dict) else v)
-                 for k, v in multi.items()}
         if rank == 0:
             results.append(compare(f"ddp{'_tied' if tied else ''}", single, multi, entry="completion_logps"))
     results.extend(_trainer_check(rank, world, DDP, "ddp_standard_trainer"))
@@ -361,6 +364,11 @@ def group_deepspeed(rank, world):
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce extension on first use
+    # (about 3 minutes on a 2-core box); without it DeepSpeed uses torch.distributed (gloo),
+    # which is what these checks are about.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
     results = []
     batches = [make_batch(s) for s in (1, 2)]
     for stage in (2, 3):
@@ -369,7 +377,8 @@ def group_deepspeed(rank, world):
             model = build_model(tied=tied)
             config = {"train_micro_batch_size_per_gpu": PAIRS // world, "gradient_accumulation_steps": 1,
                       "train_batch_size": PAIRS, "zero_optimization": {"stage": stage},
-                      "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+                      "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+                      "gradient_clipping": 0.0}  # DeepSpeed 0.19 clips at 1.0 by default
             engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                               config=config)
             losses, grads = [], None
