@@ -113,8 +113,9 @@ def rel(a, b):
 
 # ----------------------------------------------------------------------------- one process, plain logits
 
-def single_run(model, batches, steps=2, dtype=torch.float32, micro=1):
+def single_run(model, batches, steps=2, dtype=torch.float32, micro=1, objective=None):
     """Losses per step, gradients after the first step's backward, parameters after the last step."""
+    objective = objective or (lambda sums, b: dpo_objective(sums, b["ref"].to(dtype)))
     model = model.to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses, grads = [], None
@@ -123,9 +124,9 @@ def single_run(model, batches, steps=2, dtype=torch.float32, micro=1):
         total = 0.0
         for m in range(micro):
             b = batches[step * micro + m]
-            loss = dpo_objective(plain_sums(model, b), b["ref"].to(dtype)) / micro
+            loss = objective(plain_sums(model, b), b) / micro
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         losses.append(total)
         if grads is None:
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -148,7 +149,7 @@ def compare(name, single, multi, **extra):
 
 
 def mean_over_ranks(value):
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value.detach() if isinstance(value, torch.Tensor) else value)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 
@@ -156,6 +157,17 @@ def mean_over_ranks(value):
 def named(model):
     """Parameters by name, without a DDP / DeepSpeed engine ``module.`` prefix."""
     return [(n.removeprefix("module."), p) for n, p in model.named_parameters()]
+
+
+def rank_spread(params):
+    """Largest difference between this rank's and rank 0's copy of any (replicated) parameter."""
+    worst = torch.zeros(1, dtype=torch.float64)
+    for p in params.values():
+        ref = p.clone()
+        dist.broadcast(ref, 0)
+        worst = torch.maximum(worst, (p - ref).abs().max().double().reshape(1))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
 
 
 def full(t):
@@ -352,8 +364,10 @@ def group_ddp(rank, world):
         single = single_run(build_model(tied=tied), batches) if rank == 0 else None
         model = DDP(build_model(tied=tied))
         multi = fsdp_run(model, batches, rank, world)
+        spread = rank_spread(multi["params"])
         if rank == 0:
-            results.append(compare(f"ddp{'_tied' if tied else ''}", single, multi, entry="completion_logps"))
+            results.append(compare(f"ddp{'_tied' if tied else ''}", single, multi, entry="completion_logps",
+                                   rank_spread=spread))
     results.extend(_trainer_check(rank, world, DDP, "ddp_standard_trainer"))
     return results
 
@@ -369,32 +383,49 @@ def group_deepspeed(rank, world):
     # which is what these checks are about.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
+    def run(stage, tied, batches, objective):
+        model = build_model(tied=tied)
+        config = {"train_micro_batch_size_per_gpu": PAIRS // world, "gradient_accumulation_steps": 1,
+                  "train_batch_size": PAIRS, "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+                  "gradient_clipping": 0.0}  # DeepSpeed 0.19 clips at 1.0 by default
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                          config=config)
+        losses, grads = [], None
+        for step in range(2):
+            b = shard(batches[step], rank, world)
+            loss = objective(fused_sums(engine, b), b)
+            engine.backward(loss)
+            losses.append(mean_over_ranks(loss))
+            if grads is None:
+                grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+            engine.step()
+        params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+        return {"losses": losses, "grads": grads, "params": params}
+
     results = []
     batches = [make_batch(s) for s in (1, 2)]
     for stage in (2, 3):
         for tied in (False, True):
             single = single_run(build_model(tied=tied), batches) if rank == 0 else None
-            model = build_model(tied=tied)
-            config = {"train_micro_batch_size_per_gpu": PAIRS // world, "gradient_accumulation_steps": 1,
-                      "train_batch_size": PAIRS, "zero_optimization": {"stage": stage},
-                      "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
-                      "gradient_clipping": 0.0}  # DeepSpeed 0.19 clips at 1.0 by default
-            engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                              config=config)
-            losses, grads = [], None
-            for step in range(2):
-                b = shard(batches[step], rank, world)
-                loss = dpo_objective(fused_sums(engine, b), b["ref"])
-                engine.backward(loss)
-                losses.append(mean_over_ranks(loss))
-                if grads is None:
-                    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
-                engine.step()
-            params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+            multi = run(stage, tied, batches, lambda sums, b: dpo_objective(sums, b["ref"]))
             if rank == 0:
-                results.append(compare(f"deepspeed_zero{stage}{'_tied' if tied else ''}", single,
-                                       {"losses": losses, "grads": grads, "params": params}, entry="completion_logps"))
-            engine.destroy() if hasattr(engine, "destroy") else None
+                results.append(compare(f"deepspeed_zero{stage}{'_tied' if tied else ''}", single, multi,
+                                       entry="completion_logps"))
+
+    # ZeRO-3 where rank 1 has no completion token at all: it must still make the same gathers
+    # (else every rank hangs) and contribute a zero gradient. Objective: the token-summed log-prob.
+    batches = [make_batch(s) for s in (5, 6)]
+    for b in batches:
+        pairs = b["input_ids"].shape[0] // 2
+        for i in list(range(pairs // 2, pairs)) + list(range(pairs + pairs // 2, 2 * pairs)):
+            b["completion_mask"][i] = 0
+    tokens = [int(b["completion_mask"][:, 1:].sum()) for b in batches]
+    single = single_run(build_model(), batches, objective=lambda sums, b: -sums.sum() / tokens[0]) \
+        if rank == 0 else None
+    multi = run(3, False, batches, lambda sums, b: -sums.sum() * world / tokens[0])
+    if rank == 0:
+        results.append(compare("deepspeed_zero3_rank_without_tokens", single, multi, entry="completion_logps"))
     return results
 
 
