@@ -162,6 +162,30 @@ def disable_dropout(model):
             module.p = 0.0
 
 
+def data_parallel_group(model, data_parallel=None) -> tuple[int, int]:
+    """``(rank, world)`` over which :class:`StandardTrainer` splits its batches; ``(0, 1)`` when not split."""
+    if data_parallel is False or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if data_parallel:
+            raise ValueError("data_parallel=True needs an initialised torch.distributed process group")
+        return 0, 1
+    world = torch.distributed.get_world_size()
+    if data_parallel is None:
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        fsdp = any(callable(getattr(m, "_get_fsdp_state", None)) for m in model.modules())
+        if world == 1 or not (ddp or fsdp):
+            return 0, 1
+    return torch.distributed.get_rank(), world
+
+
+def _gather_over_ranks(step_loss, all_stats):
+    """The step loss summed and every micro-batch's statistics gathered over all ranks."""
+    dist = torch.distributed
+    mine = [{k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in all_stats]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (step_loss, mine))
+    return sum(g[0] for g in gathered), [s for g in gathered for s in g[1]]
+
+
 def reshard_fsdp(model):
     """Reshard every FSDP2 unit of ``model`` (a no-grad forward leaves the root unit unsharded,
     holding its full parameters, until a backward that never comes); no-op for other models."""
@@ -243,12 +267,22 @@ class StandardTrainer:
             given, else the initial policy, evaluated once before training.
         ref_model: a frozen reference model, run on every batch (no_grad).
         pad_token_id: overrides the tokenizer's.
+        data_parallel: split every micro-batch across the ranks of the default process group
+            (rank r takes pairs r, r + world, ...), each rank's loss weighted so that the
+            gradient the framework averages over ranks is the whole micro-batch's. None (default):
+            on when ``torch.distributed`` runs with several ranks and ``model`` is FSDP2-sharded
+            or DistributedDataParallel (frameworks that average gradients); False: every rank
+            runs every pair. Metrics are gathered over all ranks.
     """
 
     def __init__(self, model, examples, config: TrainerConfig | None = None, *, tokenizer=None, ref_cache=None,
-                 ref_model=None, pad_token_id=None):
+                 ref_model=None, pad_token_id=None, data_parallel=None):
         self.config = config = config or TrainerConfig()
         self.model = model
+        self.rank, self.world = data_parallel_group(model, data_parallel)
+        if self.world > config.batch_size:
+            raise ValueError(f"batch_size={config.batch_size} pairs cannot be split over {self.world} data-parallel "
+                             "ranks: use batch_size >= the number of ranks (or data_parallel=False)")
         if ref_cache is not None and ref_model is not None:
             raise ValueError("pass either ref_cache or ref_model, not both")
         if examples is None or len(examples) == 0:
@@ -383,11 +417,18 @@ class StandardTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, all_stats = 0.0, []
         for examples in micro_batches:
-            loss, stats = self.micro_batch(examples)
-            share = len(examples) / total_pairs
-            (loss * share).backward()
+            local = examples[self.rank::self.world]
+            if not local:
+                raise ValueError(f"a micro-batch of {len(examples)} pairs leaves rank {self.rank} of {self.world} "
+                                 "without a pair")
+            loss, stats = self.micro_batch(local)
+            share = len(local) / total_pairs
+            # FSDP/DDP average gradients over ranks: weight by world so the average is the batch's gradient.
+            (loss * (share * self.world)).backward()
             step_loss += float(loss.detach()) * share
             all_stats.append(stats)
+        if self.world > 1:
+            step_loss, all_stats = _gather_over_ranks(step_loss, all_stats)
         if c.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
         self.optimizer.step()

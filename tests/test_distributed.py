@@ -75,6 +75,13 @@ def test_fsdp2_matches_one_process(fsdp2, name):
     _assert_matches(fsdp2[name])
 
 
+@pytest.mark.parametrize("group, name", [("fsdp2", "fsdp2_standard_trainer"), ("ddp", "ddp_standard_trainer")])
+def test_standard_trainer_metrics_over_ranks(request, group, name):
+    r = request.getfixturevalue(group)[name]
+    assert r["metrics"] <= 1e-4, r    # every logged metric, gathered over both ranks
+    assert r["pairs"] == [8, 8]       # 2 micro-batches of 4 pairs, 2 per rank
+
+
 def test_fsdp2_pre_backward_hooks_fire(fsdp2):
     # The head's output carries its unit's pre-backward hook; the root's fires through the model output.
     assert fsdp2["fsdp2_head_own_unit"]["pre_backward_calls"] == {"lm_head": 2, "root": 2}
