@@ -249,6 +249,15 @@ def group_fsdp2(rank, world):
         if rank == 0:
             results.append(compare(name, single, multi, entry=entry, pre_backward_calls=counts))
 
+    # HSDP: a 2-D (replicate, shard) mesh; 2 ranks give replicate=2 x shard=1, so the gradient is
+    # reduce-scattered within a shard group and all-reduced across replicas
+    single = single_run(build_model(), batches) if rank == 0 else None
+    hsdp_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    model = fsdp_wrap(build_model(), "own_head", hsdp_mesh)
+    multi = fsdp_run(model, batches, rank, world)
+    if rank == 0:
+        results.append(compare("fsdp2_hsdp_head_own_unit", single, multi, entry="completion_logps"))
+
     # the patched TRL forward on an FSDP2 model whose lm_head is its own unit
     from dpo_fast.integrations.trl import add_fused_lm_head
 

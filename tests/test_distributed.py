@@ -66,8 +66,8 @@ def _assert_matches(result):
 
 
 FSDP2_SCENARIOS = ["fsdp2_head_in_root", "fsdp2_head_own_unit", "fsdp2_tied", "fsdp2_root_only",
-                   "fsdp2_tied_root_only", "fsdp2_trl_patch_head_own_unit", "fsdp2_grad_accum_no_sync",
-                   "fsdp2_standard_trainer"]
+                   "fsdp2_tied_root_only", "fsdp2_hsdp_head_own_unit", "fsdp2_trl_patch_head_own_unit",
+                   "fsdp2_grad_accum_no_sync", "fsdp2_standard_trainer"]
 
 
 @pytest.mark.parametrize("name", FSDP2_SCENARIOS)
