@@ -111,3 +111,26 @@ def test_bad_index_is_named():
         fused_head_logprobs(model, torch.tensor([1]), index=torch.tensor([99]), input_ids=ids)
     with pytest.raises(ValueError, match="shape of index"):
         fused_head_logprobs(model, torch.tensor([1, 2]), index=torch.tensor([0]), input_ids=ids)
+
+
+def test_saves_the_heads_own_weight_and_no_full_size_copy():
+    # What FSDP2/ZeRO-3 keep unsharded for the backward is the head's own weight; the fused op
+    # must save that tensor itself and nothing of its size (no gathered or cast copy).
+    model = _model()
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    weight = model.lm_head.weight
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = completion_logps(model, ids, mask, mask, impl="torch")
+    params = {p.data_ptr() for p in model.parameters()}
+    assert any(t.data_ptr() == weight.data_ptr() for t in saved)
+    copies = [t for t in saved if t.numel() >= weight.numel() and t.data_ptr() not in params]
+    assert not copies, [(tuple(t.shape), t.dtype) for t in copies]
+    got.sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == weight.dtype
