@@ -278,6 +278,10 @@ class StandardTrainer:
     def __init__(self, model, examples, config: TrainerConfig | None = None, *, tokenizer=None, ref_cache=None,
                  ref_model=None, pad_token_id=None, data_parallel=None):
         self.config = config = config or TrainerConfig()
+        if type(model).__name__ == "DeepSpeedEngine":
+            raise ValueError("StandardTrainer runs its own backward and AdamW, which a DeepSpeed engine must do itself "
+                             "(engine.backward, engine.step): use dpo_fast.integrations.hf.completion_logps in your "
+                             "loop (examples/deepspeed_zero3_dpo.py) or FusedDPOTrainer under accelerate")
         self.model = model
         self.rank, self.world = data_parallel_group(model, data_parallel)
         if self.world > config.batch_size:
