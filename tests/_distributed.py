@@ -393,8 +393,12 @@ def group_deepspeed(rank, world):
     # which is what these checks are about.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
-    def run(stage, tied, batches, objective):
+    def run(stage, tied, batches, objective, entry="completion_logps", extra=None):
         model = build_model(tied=tied)
+        if entry == "trl":
+            from dpo_fast.integrations.trl import add_fused_lm_head
+
+            add_fused_lm_head(model)
         config = {"train_micro_batch_size_per_gpu": PAIRS // world, "gradient_accumulation_steps": 1,
                   "train_batch_size": PAIRS, "zero_optimization": {"stage": stage},
                   "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
@@ -404,13 +408,15 @@ def group_deepspeed(rank, world):
         losses, grads = [], None
         for step in range(2):
             b = shard(batches[step], rank, world)
-            loss = objective(fused_sums(engine, b), b)
+            loss = objective(fused_sums(engine, b, entry), b)
             engine.backward(loss)
             losses.append(mean_over_ranks(loss))
             if grads is None:
                 grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
             engine.step()
         params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+        if extra is not None:
+            extra(engine)
         return {"losses": losses, "grads": grads, "params": params}
 
     results = []
@@ -422,6 +428,31 @@ def group_deepspeed(rank, world):
             if rank == 0:
                 results.append(compare(f"deepspeed_zero{stage}{'_tied' if tied else ''}", single, multi,
                                        entry="completion_logps"))
+
+    # the patched TRL forward, and the precompute reference pass, on a ZeRO-3 engine with a tied head
+    from dpo_fast.integrations.hf import check_lm_head_spec
+    from dpo_fast.precompute import compute_entries
+
+    rows, found = _examples(), {}
+
+    def reference_pass(engine):  # after training: compare with the trained parameters in one process
+        engine.eval()
+        found["head"] = check_lm_head_spec(engine)
+        entries, _ = compute_entries(engine, rows, max_length=None, truncation_mode="keep_start")
+        found["logps"] = torch.tensor([[e.chosen_logps, e.rejected_logps] for e in entries]).T.reshape(-1)
+
+    single = single_run(build_model(tied=True), batches) if rank == 0 else None
+    multi = run(3, True, batches, lambda sums, b: dpo_objective(sums, b["ref"]), entry="trl", extra=reference_pass)
+    if rank == 0:
+        results.append(compare("deepspeed_zero3_tied_trl_patch", single, multi, entry="trl add_fused_lm_head"))
+        from dpo_fast.data import collate_preference
+
+        trained = build_model(tied=True)  # the one-process model after the same 2 steps
+        trained.load_state_dict(single["params"], strict=False)  # lm_head.weight is embed_tokens.weight
+        with torch.no_grad():
+            plain = plain_sums(trained.eval(), collate_preference(rows, pad_token_id=0))
+        results.append({"name": "deepspeed_zero3_tied_precompute_compute_entries",
+                        "logps": rel(found["logps"], plain.double()), "check_lm_head_spec_worst": found["head"]})
 
     # ZeRO-3 where rank 1 has no completion token at all: it must still make the same gathers
     # (else every rank hangs) and contribute a zero gradient. Objective: the token-summed log-prob.

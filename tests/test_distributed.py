@@ -115,6 +115,12 @@ def test_ddp_matches_one_process(ddp, name):
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero2_tied", "deepspeed_zero3",
-                                  "deepspeed_zero3_tied", "deepspeed_zero3_rank_without_tokens"])
+                                  "deepspeed_zero3_tied", "deepspeed_zero3_tied_trl_patch",
+                                  "deepspeed_zero3_rank_without_tokens"])
 def test_deepspeed_matches_one_process(deepspeed, name):
     _assert_matches(deepspeed[name])
+
+
+def test_deepspeed_zero3_precompute_reference_pass(deepspeed):
+    r = deepspeed["deepspeed_zero3_tied_precompute_compute_entries"]
+    assert r["logps"] <= TOL and r["check_lm_head_spec_worst"] <= 1e-4

@@ -134,3 +134,12 @@ def test_saves_the_heads_own_weight_and_no_full_size_copy():
     assert not copies, [(tuple(t.shape), t.dtype) for t in copies]
     got.sum().backward()
     assert weight.grad is not None and weight.grad.dtype == weight.dtype
+
+
+def test_standard_trainer_refuses_a_deepspeed_engine():
+    from dpo_fast.trainer import StandardTrainer
+
+    engine = type("DeepSpeedEngine", (torch.nn.Module,), {})()
+    engine.module = _model()
+    with pytest.raises(ValueError, match="DeepSpeed engine"):
+        StandardTrainer(engine, [object()], pad_token_id=0)
