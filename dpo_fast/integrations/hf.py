@@ -21,15 +21,23 @@ that owns it, and every framework already does the right thing for a module call
   pre-backward hook on the tensor the head returned, so the recomputing backward finds the
   weight unsharded again, and the gradient is reduce-scattered in the reduce dtype
   (``set_requires_gradient_sync(False)`` accumulates as for any module). Tied embeddings are
-  one parameter in one unit. The fused result is also tied (a zero-gradient edge) to the
-  model's own output, on which the root unit's hook sits, so the root's backward hooks and
-  final callback run exactly as for a plain-logits forward.
+  one parameter in one unit.
+
 * DeepSpeed ZeRO-3: the engine gathers the head's parameters in the head's pre-forward hook,
   re-gathers them in the pre-backward hook it attaches to the head's output, and every rank
   makes the same calls whatever its token count (the head is called once per forward even with
   no scored token). Tied weights are the engine's usual shared parameter.
 * DDP: the forward goes through the ``DistributedDataParallel`` wrapper, so its reducer
   expects and all-reduces every gradient, the head's included.
+
+The values returned to the caller are the ones computed inside the head's forward; the tensor
+the head's ``__call__`` returned (which carries the head unit's FSDP2 hook, or ZeRO-3's
+replacement of it) and the model's output logits (which carry the root unit's hook) are tied to
+them by zero-gradient edges (``_Anchor``), so those hooks run, before the fused backward, exactly
+as for a plain-logits forward. Measured without these edges: a head in its own unit fails in
+backward (it reads the freed weight), and a model with only a root unit gets silently wrong
+gradients (relative error 1.15: no pre-backward hook ran, so FSDP never queued the callback that
+reduce-scatters them). tests/test_distributed.py checks that the hooks fire.
 
 A DTensor weight seen *inside* the head's forward (tensor parallel) is not handled here.
 
