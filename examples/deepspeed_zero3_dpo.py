@@ -41,7 +41,7 @@ def main():
     from deepspeed.utils import safe_get_full_grad
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from fsdp2_dpo import dpo_step_loss, make_batch, my_rows  # the same data and loss as the FSDP2 example
+    from fsdp2_dpo import make_batch, train  # the same data, loss and --check as the FSDP2 example
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
@@ -67,24 +67,13 @@ def main():
                                       config=config)
     vocab = engine.module.config.vocab_size
     batches = [make_batch(s, args.pairs, args.seq_len, vocab, device) for s in range(args.steps)]
-    for step, batch in enumerate(batches):
-        loss = dpo_step_loss(engine, my_rows(batch, rank, world), args.beta)
+    def backward_and_step(loss, gather):
         engine.backward(loss)
-        if step == 0:  # collective: every rank
-            first_grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+        grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()} if gather else None
         engine.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        if rank == 0:
-            print(f"step {step}: loss {float(mean) / world:.6f}", flush=True)
-    if single is not None:
-        loss = dpo_step_loss(single, batches[0], args.beta, fused=False)
-        loss.backward()
-        diffs = {n: float((first_grads[n] - q.grad).abs().max() / q.grad.abs().max())
-                 for n, q in single.named_parameters()}
-        name = max(diffs, key=diffs.get)
-        print(f"--check: step 0 loss {loss.item():.6f} in one process on plain logits; largest relative "
-              f"gradient difference {diffs[name]:.3e} ({name})")
+        return grads
+
+    train(engine, batches, backward_and_step, single, args, rank, world)
     dist.destroy_process_group()
 
 

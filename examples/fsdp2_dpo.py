@@ -3,17 +3,17 @@
 Runs anywhere torchrun does: on a CPU box with gloo, on GPUs with NCCL::
 
     torchrun --nproc-per-node 2 examples/fsdp2_dpo.py                       # CPU, tiny random Llama
-    torchrun --nproc-per-node 8 examples/fsdp2_dpo.py --model /path/to/hf-model --dtype bfloat16
+    torchrun --nproc-per-node 8 examples/fsdp2_dpo.py --model /path/to/model --dtype bfloat16
     torchrun --nproc-per-node 2 examples/fsdp2_dpo.py --memory              # per-rank peak memory
 
 Each rank takes its share of every batch; ``fully_shard`` wraps every decoder layer, the
 lm_head (its own unit, unless ``--head-in-root``) and the root. The log-probs come from
 :func:`dpo_fast.integrations.hf.completion_logps`, which runs the model's own forward with the
 lm_head computing the fused log-probs inside its FSDP unit: no ``[B, T, V]`` logits, and FSDP
-unshards the head, and reduce-scatters its gradient, as for any module. ``--check`` also computes the
-first step in one process on the whole batch from the model's plain logits (rank 0) and prints
-the largest relative difference of any gathered gradient (fp32). ``--memory`` prints each rank's peak extra memory for one
-forward+backward, fused vs plain logits.
+unshards the head, and reduce-scatters its gradient, as for any module. ``--check`` also
+computes the first step in one process on the whole batch from the model's plain logits (rank 0)
+and prints the largest relative difference of any gathered gradient (fp32). ``--memory`` prints
+each rank's peak extra memory for one forward+backward, fused vs plain logits.
 """
 from __future__ import annotations
 
@@ -132,13 +132,24 @@ def main():
         report_memory(model, args, vocab, device, rank, world)
 
     batches = [make_batch(s, args.pairs, args.seq_len, vocab, device) for s in range(args.steps)]
-    for step, batch in enumerate(batches):
-        optimizer.zero_grad(set_to_none=True)
-        loss = dpo_step_loss(model, my_rows(batch, rank, world), args.beta)
+    def backward_and_step(loss, gather):
         loss.backward()
-        if step == 0:  # collective: every rank
-            first_grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()} if gather else None  # collective
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    train(model, batches, backward_and_step, single, args, rank, world)
+    dist.destroy_process_group()
+
+
+def train(model, batches, backward_and_step, single, args, rank, world):
+    """The DPO steps on this rank's rows; with ``single`` (rank 0, --check) compare the first
+    step's gathered gradients with one process on the whole batch from plain logits."""
+    for step, batch in enumerate(batches):
+        loss = dpo_step_loss(model, my_rows(batch, rank, world), args.beta)
+        grads = backward_and_step(loss, gather=args.check and step == 0)  # the same on every rank
+        first_grads = grads if step == 0 else first_grads
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         if rank == 0:
@@ -151,7 +162,6 @@ def main():
         name = max(diffs, key=diffs.get)
         print(f"--check: step 0 loss {loss.item():.6f} in one process on plain logits; largest relative "
               f"gradient difference {diffs[name]:.3e} ({name})")
-    dist.destroy_process_group()
 
 
 def report_memory(model, args, vocab, device, rank, world):
