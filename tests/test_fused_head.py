@@ -111,6 +111,11 @@ def test_bad_index_is_named():
         fused_head_logprobs(model, torch.tensor([1]), index=torch.tensor([99]), input_ids=ids)
     with pytest.raises(ValueError, match="shape of index"):
         fused_head_logprobs(model, torch.tensor([1, 2]), index=torch.tensor([0]), input_ids=ids)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match=r"labels must hold token ids in \[0, 64\)"):
+        fused_head_logprobs(model, torch.tensor([64]), index=torch.tensor([0]), input_ids=ids)
+    assert not calls, "a bad label must be refused before the model runs"
 
 
 def test_saves_the_heads_own_weight_and_no_full_size_copy():

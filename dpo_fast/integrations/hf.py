@@ -56,6 +56,7 @@ import torch
 
 from ..ops import linear_logprobs
 from ..options import LogprobOptions
+from ..validation import check_labels
 
 __all__ = [
     "LMHeadSpec",
@@ -399,6 +400,8 @@ def fused_head_logprobs(model, labels, *, index=None, impl="auto", outputs=("log
             raise ValueError(f"labels must have the shape of index {tuple(index.shape)}, got {tuple(labels.shape)}")
     if head_dtype is not None and head_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"head_dtype must be a floating dtype, got {head_dtype!r}")
+    n_vocab = tuple(getattr(spec.weight, "ds_shape", spec.weight.shape))[0]
+    check_labels("labels", labels, labels.shape, n_vocab, -100)  # before the model runs
     holder = {}
 
     def head_forward(module, x, original):
