@@ -61,10 +61,20 @@ class NotBuildable(Exception):
     """The architecture cannot be built offline as a tiny decoder; the message says why."""
 
 
+# Not in the causal-LM mapping but causal LMs that transform their logits in their own way
+# (logits * output_multiplier before the softcap): swept as well.
+EXTRA = {"muse_spark": "MuseSparkForConditionalGeneration", "muse_glimmer": "MuseGlimmerForConditionalGeneration"}
+
+
 def causal_lm_mapping() -> dict:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def swept() -> dict:
+    """model_type -> class name: the causal-LM auto mapping plus ``EXTRA``."""
+    return {**causal_lm_mapping(), **EXTRA}
 
 
 def _sub_configs(config):
@@ -123,6 +133,21 @@ def _shrink(config, depth=0, keep=()):
             continue
         if isinstance(current, int) and current >= VOCAB:
             setattr(config, name, min(current, VOCAB - 1) if name != "pad_token_id" else 0)
+    # Mamba-2 style mixers need heads * head_dim == expand * hidden_size
+    for heads, dim, expand in (("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand")):
+        try:
+            e, d, h = getattr(config, expand, None), getattr(config, dim, None), getattr(config, "hidden_size", None)
+        except Exception:  # noqa: BLE001
+            continue
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (e, h)) and hasattr(config, heads):
+            try:
+                setattr(config, dim, HEAD_DIM)
+                setattr(config, heads, e * h // HEAD_DIM)
+                for groups in ("n_groups", "mamba_n_groups"):
+                    if hasattr(config, groups):
+                        setattr(config, groups, 1)
+            except Exception:  # noqa: BLE001
+                pass
     for flag in ("use_cache",):
         if hasattr(config, flag):
             setattr(config, flag, False)
@@ -153,7 +178,7 @@ def build_tiny(model_type: str, seed: int = 0):
     """A tiny random ``*ForCausalLM`` of ``model_type`` in fp32, eval mode, logits of |z| ~ 10-30."""
     import transformers
 
-    class_name = causal_lm_mapping()[model_type]
+    class_name = swept()[model_type]
     cls = getattr(transformers, class_name, None)
     if cls is None:
         raise NotBuildable(f"transformers has no class {class_name} (needs an extra package?)")
@@ -169,7 +194,7 @@ def build_tiny(model_type: str, seed: int = 0):
                 config = get_text()
             model = cls._from_config(config, torch_dtype=DTYPE)
             n_params = sum(p.numel() for p in model.parameters())
-            if n_params > 20_000_000:
+            if n_params > 100_000_000:
                 raise NotBuildable(f"the shrunk model still has {n_params / 1e6:.0f}M parameters "
                                    "(its size fields are not the usual ones)")
             model = model.to(DTYPE).eval()
@@ -179,7 +204,7 @@ def build_tiny(model_type: str, seed: int = 0):
             failures.append(str(e))
         except Exception as e:  # noqa: BLE001
             failures.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-    raise NotBuildable(f"no tiny random model could be built and run: {failures[-1]}")
+    raise NotBuildable(f"no tiny random model could be built and run: {failures[0]}")
 
 
 def vocab_of(model) -> int:

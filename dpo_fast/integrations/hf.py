@@ -170,9 +170,10 @@ def resolve_backbone(model):
     backbone = getattr(inner, "base_model", None)
     if backbone is inner:  # e.g. Llama4ForCausalLM, MllamaForCausalLM: base_model_prefix names no submodule
         get_decoder = getattr(inner, "get_decoder", None)
-        decoder = get_decoder() if callable(get_decoder) else None
-        if isinstance(decoder, torch.nn.Module) and decoder is not inner:
-            backbone = decoder
+        for decoder in (get_decoder() if callable(get_decoder) else None, getattr(inner, "model", None)):
+            if isinstance(decoder, torch.nn.Module) and decoder is not inner:
+                backbone = decoder
+                break
     if backbone is None or backbone is inner:
         raise ValueError(
             f"cannot find the backbone of {type(inner).__name__}: model.base_model is "
