@@ -495,6 +495,9 @@ class RefLogpsCache:
         place once its schema and fingerprint are committed, so a crash never leaves a half-made file.
         """
         path = os.fspath(path)
+        if not isinstance(fingerprint, dict) or not {"format", "model_weights", "model_config"} <= set(fingerprint):
+            raise TypeError("fingerprint must be a dict made by build_fingerprint (with format, model_weights, "
+                            f"model_config, ...), got {type(fingerprint).__name__}")
         check_writable(path)
         if not os.path.exists(path):
             tmp = f"{path}.creating-{os.getpid()}"

@@ -36,14 +36,16 @@ class LogprobOptions:
     deterministic: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.ignore_index, int):
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"deterministic must be a bool, got {type(self.deterministic).__name__}")
         for name in ("logit_scale", "temperature"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.softcap is not None and (
-            not isinstance(self.softcap, (int, float)) or not math.isfinite(self.softcap) or self.softcap <= 0
+            isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) or not math.isfinite(self.softcap) or self.softcap <= 0
         ):
             raise ValueError(f"softcap must be None or a finite number > 0, got {self.softcap!r}")
         outputs = (self.outputs,) if isinstance(self.outputs, str) else tuple(self.outputs)

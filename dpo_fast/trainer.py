@@ -270,6 +270,8 @@ class StandardTrainer:
 
     def __init__(self, model, examples, config: TrainerConfig | None = None, *, tokenizer=None, ref_cache=None,
                  ref_model=None, pad_token_id=None):
+        if config is not None and not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig (or None), got {type(config).__name__}")
         self.config = config = config or TrainerConfig()
         self.model = model
         if ref_cache is not None and ref_model is not None:

@@ -15,6 +15,7 @@ remote file, an extra package, a vision tower of its own, ...) raises :class:`No
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -95,10 +96,12 @@ _HEAD_COUNT_FIELDS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "
                       "num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num")
 # Shrink levels tried in order: everything, then keep the head geometry, then also the head counts
 # (some architectures tie head sizes to each other in ways a generic shrink cannot know).
-LEVELS = ((), _HEAD_FIELDS, _HEAD_FIELDS + _HEAD_COUNT_FIELDS)
+# The second level also sizes Mamba-2 style mixers (heads * head_dim == expand * hidden_size).
+LEVELS = (((), False), ((), True), (_HEAD_FIELDS, False), (_HEAD_FIELDS + _HEAD_COUNT_FIELDS, False))
+MAX_PARAMS = 100_000_000
 
 
-def _shrink(config, depth=0, keep=()):
+def _shrink(config, depth=0, keep=(), mamba=False):
     for name, value in _SIZES.items():
         if name in keep:
             continue
@@ -135,6 +138,8 @@ def _shrink(config, depth=0, keep=()):
             setattr(config, name, min(current, VOCAB - 1) if name != "pad_token_id" else 0)
     # Mamba-2 style mixers need heads * head_dim == expand * hidden_size
     for heads, dim, expand in (("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand")):
+        if not mamba:
+            break
         try:
             e, d, h = getattr(config, expand, None), getattr(config, dim, None), getattr(config, "hidden_size", None)
         except Exception:  # noqa: BLE001
@@ -155,17 +160,39 @@ def _shrink(config, depth=0, keep=()):
         config.attention_dropout = 0.0
     if depth < 3:
         for sub in _sub_configs(config):
-            _shrink(sub, depth + 1, keep)
+            _shrink(sub, depth + 1, keep, mamba)
 
 
-def build_config(model_type: str, keep=()):
+# Float config fields that may transform the logits (or feed a transform): moved off their default
+# so that a transform dpo_fast does not apply shows up as a difference, not as a no-op at 1.0.
+_TRANSFORM_FIELD = re.compile(r"logit|multiplier|softcap|soft_cap")
+PERTURB = 1.37
+
+
+def _perturb(config, depth=0):
+    for name in list(vars(config)):
+        if not _TRANSFORM_FIELD.search(name):
+            continue
+        try:
+            value = getattr(config, name)
+            if isinstance(value, float) and math.isfinite(value) and value > 0:
+                setattr(config, name, value * PERTURB)
+        except Exception:  # noqa: BLE001
+            pass
+    if depth < 3:
+        for sub in _sub_configs(config):
+            _perturb(sub, depth + 1)
+
+
+def build_config(model_type: str, keep=(), mamba=False):
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.for_model(model_type)
     except Exception as e:  # noqa: BLE001
         raise NotBuildable(f"config cannot be built: {type(e).__name__}: {str(e)[:160]}") from None
-    _shrink(config, keep=keep)
+    _shrink(config, keep=keep, mamba=mamba)
+    _perturb(config)
     for name in ("_attn_implementation",):
         try:
             config._attn_implementation = "eager"
@@ -183,20 +210,20 @@ def build_tiny(model_type: str, seed: int = 0):
     if cls is None:
         raise NotBuildable(f"transformers has no class {class_name} (needs an extra package?)")
     failures = []
-    for keep, text_only in [(k, False) for k in LEVELS] + [(LEVELS[0], True)]:
+    for (keep, mamba), text_only in [(level, False) for level in LEVELS] + [(LEVELS[0], True)]:
         torch.manual_seed(seed)
         try:
-            config = build_config(model_type, keep)
+            config = build_config(model_type, keep, mamba)
             if text_only:  # composite configs whose *ForCausalLM takes the text part
                 get_text = getattr(config, "get_text_config", None)
                 if not callable(get_text) or get_text() is config:
                     break
                 config = get_text()
-            model = cls._from_config(config, torch_dtype=DTYPE)
-            n_params = sum(p.numel() for p in model.parameters())
-            if n_params > 100_000_000:
+            n_params = _count_params(cls, config)
+            if n_params > MAX_PARAMS:
                 raise NotBuildable(f"the shrunk model still has {n_params / 1e6:.0f}M parameters "
                                    "(its size fields are not the usual ones)")
+            model = cls._from_config(config, dtype=DTYPE)
             model = model.to(DTYPE).eval()
             _scale_head(model)
             return model
@@ -205,6 +232,16 @@ def build_tiny(model_type: str, seed: int = 0):
         except Exception as e:  # noqa: BLE001
             failures.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
     raise NotBuildable(f"no tiny random model could be built and run: {failures[0]}")
+
+
+def _count_params(cls, config) -> int:
+    """Parameters of the model, counted on the meta device (no memory, no init) when it can be built there."""
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(config, dtype=DTYPE)
+    except Exception:  # noqa: BLE001 - counted on the real build instead
+        return 0
+    return sum(p.numel() for p in model.parameters())
 
 
 def vocab_of(model) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import linear_logprobs
+from ..ops import IMPLS, linear_logprobs
 from ..options import LogprobOptions
 
 __all__ = [
@@ -261,6 +261,8 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
         outputs are requested. Gradients flow into the model.
     """
     LogprobOptions(temperature=temperature, outputs=outputs)  # validate before any compute
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check_batch(input_ids, attention_mask, completion_mask)
     spec = lm_head_spec(model)
     labels = torch.full_like(input_ids, -100, dtype=torch.long)

@@ -119,6 +119,12 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             "log_sum_sq_probs", "mean_logits", "is_top1")``; the others are None.
         impl: dpo_fast implementation (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``).
     """
+    from ..ops import IMPLS
+    from ..options import LogprobOptions
+
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    LogprobOptions(temperature=temperature)  # a bad temperature fails now, not at the first step
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
     unknown = [o for o in outputs if o not in _TRL_OUTPUTS]
     if unknown:
