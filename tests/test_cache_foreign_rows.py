@@ -81,6 +81,56 @@ def test_rebuilt_cache_adopts_nothing_from_a_killed_run(tmp_path):
         assert len(cache) == 5 and cache.fingerprint == _fingerprint("b")
 
 
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_issue_scenario_kill_precompute_of_a_rm_precompute_b_into_the_same_path(tmp_path, monkeypatch):
+    """kill -9 `dpo-fast precompute` of model A once rows are committed, `rm` the cache (its -wal and
+    -shm stay), precompute model B into the same path: nothing is "already cached", every value is B's."""
+    import time
+
+    monkeypatch.setenv("DPO_FAST_CACHE_DIR", str(tmp_path / "home-cache"))
+    tokenizer = build_tokenizer()
+    model_a = save_model_dir(str(tmp_path / "model_a"), seed=0, tokenizer=tokenizer)
+    model_b = save_model_dir(str(tmp_path / "model_b"), seed=1, tokenizer=tokenizer)
+    data = str(write_jsonl(tmp_path / "prefs.jsonl", make_rows(150, seed=7, max_prompt=20, max_completion=20)))
+    cache = str(tmp_path / "ref.sqlite")
+    cmd = [sys.executable, "-m", "dpo_fast", "precompute", "--model", model_a, "--dataset", data, "--cache", cache,
+           "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, deadline = 0, time.time() + 120
+    try:
+        while proc.poll() is None and time.time() < deadline and seen < 20:
+            if os.path.exists(cache):
+                try:
+                    with RefLogpsCache.open(cache, check="none") as reader:
+                        seen = len(reader)
+                except (CacheError, sqlite3.OperationalError):
+                    seen = 0
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        out, errs = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and seen >= 20, errs.decode()[-2000:]
+    assert os.path.getsize(cache + "-wal") > 0  # the killed run's committed rows live in its -wal
+    os.remove(cache)
+
+    summary = precompute(model_b, data, cache, batch_size=8, device="cpu", progress=False)
+    assert summary.already_cached == 0, f"{summary.already_cached} rows of model A were adopted"
+    fresh = str(tmp_path / "fresh_b.sqlite")
+    precompute(model_b, data, fresh, batch_size=8, device="cpu", progress=False)
+    with RefLogpsCache.open(cache, check="full") as got, RefLogpsCache.open(fresh) as want:
+        got_rows = {e.key: (e.chosen_logps, e.rejected_logps) for e in got.entries()}
+        want_rows = {e.key: (e.chosen_logps, e.rejected_logps) for e in want.entries()}
+    assert got_rows.keys() == want_rows.keys()
+    worst = max(max(abs(got_rows[k][0] - want_rows[k][0]), abs(got_rows[k][1] - want_rows[k][1])) for k in want_rows)
+    assert worst <= 1e-4, f"values differ from model B's by up to {worst:.3g} nats"
+
+
 def test_good_cache_next_to_a_foreign_wal_never_returns_a_foreign_row(tmp_path):
     # A foreign cache (fingerprint a), killed mid-run: its -wal holds committed rows.
     foreign = tmp_path / "foreign" / "ref.sqlite"
