@@ -97,7 +97,9 @@ _HEAD_COUNT_FIELDS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "
 # Shrink levels tried in order: everything, then keep the head geometry, then also the head counts
 # (some architectures tie head sizes to each other in ways a generic shrink cannot know).
 # The second level also sizes Mamba-2 style mixers (heads * head_dim == expand * hidden_size).
-LEVELS = (((), False), ((), True), (_HEAD_FIELDS, False), (_HEAD_FIELDS + _HEAD_COUNT_FIELDS, False))
+# The last level also fills size fields a default config leaves as None.
+LEVELS = (((), False), ((), True), (_HEAD_FIELDS, False), (_HEAD_FIELDS + _HEAD_COUNT_FIELDS, False), ((), "fill"))
+_FILL = ("head_dim", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok")
 MAX_PARAMS = 100_000_000
 
 
@@ -136,9 +138,21 @@ def _shrink(config, depth=0, keep=(), mamba=False):
             continue
         if isinstance(current, int) and current >= VOCAB:
             setattr(config, name, min(current, VOCAB - 1) if name != "pad_token_id" else 0)
+    if mamba == "fill":
+        for name in _FILL:
+            if name in vars(config) and getattr(config, name) is None:
+                setattr(config, name, _SIZES[name])
+    try:
+        if getattr(config, "n_routed_experts", None) and getattr(config, "num_experts_per_tok", 0) is None:
+            config.num_experts_per_tok = 2  # DeepSeek-V2's default config leaves it unset
+        # Multi-head latent attention (DeepSeek-V2/V3 style) expands its latent K/V to every query head
+        if getattr(config, "kv_lora_rank", None) and isinstance(getattr(config, "num_attention_heads", None), int):
+            config.num_key_value_heads = config.num_attention_heads
+    except Exception:  # noqa: BLE001 (e.g. per-layer attributes without a global value)
+        pass
     # Mamba-2 style mixers need heads * head_dim == expand * hidden_size
     for heads, dim, expand in (("num_heads", "head_dim", "expand"), ("mamba_n_heads", "mamba_d_head", "mamba_expand")):
-        if not mamba:
+        if mamba is not True:
             break
         try:
             e, d, h = getattr(config, expand, None), getattr(config, dim, None), getattr(config, "hidden_size", None)
