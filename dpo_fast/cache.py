@@ -792,14 +792,15 @@ class RefLogpsCollator:
 
 
 def dataset_with_ref_logps(dataset, cache, *, max_length=..., truncation_mode=None, ld_alpha=..., model=None,
-                           tokenizer=None):
+                           tokenizer=None, temperature=1.0):
     """Add columns ``ref_chosen_logps``/``ref_rejected_logps`` to a tokenised dataset from the cache.
 
     This is what TRL's DPOTrainer reads when ``precompute_ref_log_probs=True``: a ``datasets.Dataset``
     with ``prompt_ids``/``chosen_ids``/``rejected_ids`` (TRL's tokenised train dataset) gets the two
     float columns; a list of dicts gets them per dict (new dicts). Before anything is read, the
     cache is checked against what the trainer will use (``max_length``, ``truncation_mode``,
-    ``ld_alpha`` from ``DPOConfig``, and ``model`` folder / ``tokenizer`` when given) so stale
+    ``ld_alpha`` from ``DPOConfig``, ``temperature`` (1.0: TRL's DPOTrainer scores untempered
+    logits; None skips the check), and ``model`` folder / ``tokenizer`` when given) so stale
     numbers cannot be used: :class:`StaleCacheError` names the differing fields.
 
     ``cache`` is a :class:`RefLogpsCache` or a path. To make TRL's DPOTrainer read the cache
@@ -814,7 +815,7 @@ def dataset_with_ref_logps(dataset, cache, *, max_length=..., truncation_mode=No
     if not isinstance(cache, RefLogpsCache):
         cache = RefLogpsCache.open(cache)
     cache.check(model=model, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                ld_alpha=ld_alpha)
+                ld_alpha=ld_alpha, temperature=temperature)
     if isinstance(dataset, (list, tuple)):
         found = cache.lookup(dataset, dtype=torch.float64)
         return [dict(row, ref_chosen_logps=float(c), ref_rejected_logps=float(r))

@@ -268,3 +268,10 @@ def test_fused_dpo_trainer_checks_temperature(tempered, tmp_path):
         trl_mod.FusedDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                                 processing_class=tempered["tokenizer"], ref_logps_cache=tempered["cache"])
     assert err.value.fields == ("temperature",)
+
+
+def test_dataset_with_ref_logps_checks_temperature(tempered):
+    with pytest.raises(StaleCacheError) as err:
+        dataset_with_ref_logps([], tempered["cache"])  # TRL's DPOTrainer scores at temperature 1
+    assert err.value.fields == ("temperature",)
+    assert dataset_with_ref_logps([], tempered["cache"], temperature=0.7) == []
