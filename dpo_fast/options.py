@@ -7,6 +7,7 @@ Triton launchers and the PyTorch blockwise path see exactly the same configurati
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 # Per-token outputs that can be requested besides the label log-probability. None of them
@@ -92,8 +93,9 @@ LOSS_TYPES = {
 
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False, context="") -> float:
     """``float(value)`` for a finite real number (not a bool) in the given range, else an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            hasattr(value, "dtype") and getattr(value, "ndim", 0) != 0):
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor / numpy scalar
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     fmt = lambda x: f"{x:g}" if float(x).is_integer() else repr(x)  # noqa: E731
