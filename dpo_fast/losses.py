@@ -44,6 +44,11 @@ class DPOOutput:
     rejected_lengths: torch.Tensor | None = None
 
 
+def _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma=0.5):
+    """The loss-option check under its former name: :func:`dpo_fast.options.check_loss_options`."""
+    return check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau)
+
+
 def _smoothed_logistic(x, eps):
     """``(1 - eps) * -logsigmoid(x) + eps * -logsigmoid(-x)``, i.e. softplus form."""
     loss = F.softplus(-x)
