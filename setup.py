@@ -22,7 +22,7 @@ setup(
         "hf": ["transformers>=4.45", "safetensors", "tqdm"],
         "test": ["pytest", "pytest-benchmark", "ninja", "triton>=3.0", "transformers>=4.45",
                  "safetensors", "tqdm", "matplotlib", "pyarrow", "datasets", "peft", "trl==1.16.0",
-                 "deepspeed==0.19.8"],
+                 "hypothesis", "deepspeed==0.19.8"],
         "trl": ["trl>=1.15,<1.17"],
         "demo": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib"],
         "peers": ["liger-kernel", "cut-cross-entropy"],

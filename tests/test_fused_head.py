@@ -64,7 +64,7 @@ def test_model_that_never_calls_its_lm_head_is_a_clear_error():
     model = Bypass(build_llama(V).config)
     ids = _ids()
     mask = torch.ones_like(ids)
-    with pytest.raises(RuntimeError, match="never called its output embedding"):
+    with pytest.raises(ValueError, match="never called its output embedding"):
         completion_logps(model, ids, mask, mask)
 
 

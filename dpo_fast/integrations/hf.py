@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import linear_logprobs
+from ..ops import IMPLS, linear_logprobs
 from ..options import LogprobOptions
 from ..validation import check_labels
 
@@ -67,6 +67,7 @@ __all__ = [
     "completion_logps",
     "sequence_logps_from_model",
     "check_lm_head_spec",
+    "check_lm_head_once",
     "fused_head_logprobs",
 ]
 
@@ -176,7 +177,9 @@ def lm_head_spec(model) -> LMHeadSpec:
     fields that transform the logits in the model's forward:
     ``final_logit_softcapping`` / ``logits_soft_cap`` (tanh softcap), ``logit_scale``
     (multiplies, Cohere), ``logits_scaling`` (divides, Granite; multiplies for HyperCLOVA X),
-    ``lm_head_multiplier`` (multiplies, Falcon-H1). Works through PEFT wrappers and tied
+    ``lm_head_multiplier`` (multiplies, Falcon-H1), ``output_multiplier`` (multiplies, MuseSpark
+    and MuseGlimmer). A transform not listed here is caught by :func:`check_lm_head_spec`, which
+    the trainers run once per model (:func:`check_lm_head_once`). Works through PEFT wrappers and tied
     embeddings (the weight is the shared parameter). Raises ``ValueError`` for a model without
     an output embedding.
     """
@@ -200,6 +203,9 @@ def logit_transform(config, *, has_bias: bool = False) -> tuple[float, float | N
     value = getattr(config, "lm_head_multiplier", None)
     if value is not None:
         scale *= _number("lm_head_multiplier", value)
+    value = getattr(config, "output_multiplier", None)
+    if value is not None:  # MuseSpark / MuseGlimmer: multiplies the logits before the softcap
+        scale *= _number("output_multiplier", value)
     value = getattr(config, "logits_mup_width_multiplier", None)
     if value is not None:
         if has_bias:
@@ -213,11 +219,37 @@ def logit_transform(config, *, has_bias: bool = False) -> tuple[float, float | N
     return scale, softcap
 
 
+def _input_side_scale(config) -> float:
+    """The factor some models apply to the hidden states *before* their lm_head (MiniCPM3 divides by
+    ``logits_scaling``, Inkling by ``logits_mup_width_multiplier``). :func:`logit_transform` folds it
+    into ``logit_scale``; the fused head, which reads the lm_head's input, must not apply it twice."""
+    model_type = str(getattr(config, "model_type", "") or "")
+    scale = 1.0
+    value = getattr(config, "logits_mup_width_multiplier", None)
+    if value is not None:
+        scale /= _number("logits_mup_width_multiplier", value)
+    value = getattr(config, "logits_scaling", None)
+    if value is not None and model_type.startswith("minicpm3"):
+        scale /= _number("logits_scaling", value)
+    return scale
+
+
+def _head_input_transform(model, spec: LMHeadSpec) -> tuple[float, float | None]:
+    """``(scale, softcap)`` from the lm_head's input (not the backbone's output) to the logits."""
+    return spec.logit_scale / _input_side_scale(_text_config(_unwrap_peft(model))), spec.softcap
+
+
 def resolve_backbone(model):
     """The module that maps ``input_ids`` to ``last_hidden_state``: ``model.base_model``
     (``model.get_base_model().base_model`` under PEFT)."""
     inner = _unwrap_peft(model)
     backbone = getattr(inner, "base_model", None)
+    if backbone is inner:  # e.g. Llama4ForCausalLM, MllamaForCausalLM: base_model_prefix names no submodule
+        get_decoder = getattr(inner, "get_decoder", None)
+        for decoder in (get_decoder() if callable(get_decoder) else None, getattr(inner, "model", None)):
+            if isinstance(decoder, torch.nn.Module) and decoder is not inner:
+                backbone = decoder
+                break
     if backbone is None or backbone is inner:
         raise ValueError(
             f"cannot find the backbone of {type(inner).__name__}: model.base_model is "
@@ -284,8 +316,8 @@ def _replaced_head_forward(head, fn):
                             "keyword arguments")
         record["calls"] += 1
         if record["calls"] > 1:
-            raise RuntimeError("the model's forward called its output embedding more than once; dpo_fast's fused head "
-                               "supports one lm_head call per forward")
+            raise ValueError("the model's forward called its output embedding more than once; dpo_fast does not support "
+                             "this architecture: the fused head needs one lm_head call per forward")
         return fn(head, x, original)
 
     def capture(module, inputs, output):
@@ -402,6 +434,7 @@ def fused_head_logprobs(model, labels, *, index=None, impl="auto", outputs=("log
         raise ValueError(f"head_dtype must be a floating dtype, got {head_dtype!r}")
     n_vocab = tuple(getattr(spec.weight, "ds_shape", spec.weight.shape))[0]
     check_labels("labels", labels, labels.shape, n_vocab, -100)  # before the model runs
+    scale, softcap = _head_input_transform(model, spec)
     holder = {}
 
     def head_forward(module, x, original):
@@ -420,7 +453,7 @@ def fused_head_logprobs(model, labels, *, index=None, impl="auto", outputs=("log
         rows, weight, bias = _cast_operands(rows, weight, bias, head_dtype)
         with torch.autocast(rows.device.type, enabled=False):
             result = linear_logprobs(rows, weight, labels.to(rows.device), bias, ignore_index=-100,
-                                     logit_scale=spec.logit_scale, softcap=spec.softcap, temperature=temperature,
+                                     logit_scale=scale, softcap=softcap, temperature=temperature,
                                      outputs=opts.outputs, impl=impl)
         holder["result"] = result
         log_probs = result["log_probs"] if isinstance(result, dict) else result
@@ -431,8 +464,9 @@ def fused_head_logprobs(model, labels, *, index=None, impl="auto", outputs=("log
     with _replaced_head_forward(head, head_forward) as record:
         out = (model if forward is None else forward)(**model_kwargs)
     if record["calls"] == 0:
-        raise RuntimeError(f"{type(_unwrap_peft(model)).__name__}'s forward never called its output embedding "
-                           f"({type(head).__name__}); dpo_fast's fused head cannot run inside it")
+        raise ValueError(f"{type(_unwrap_peft(model)).__name__}'s forward never called its output embedding "
+                         f"({type(head).__name__}); dpo_fast does not support this architecture: the fused head "
+                         "runs inside the lm_head's forward")
     result, log_probs = holder["result"], holder["log_probs"]
     if log_probs.requires_grad:
         anchors = [t for t in [record["output"], *_grad_tensors(out)]
@@ -477,6 +511,8 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
         outputs are requested. Gradients flow into the model.
     """
     LogprobOptions(temperature=temperature, outputs=outputs)  # validate before any compute
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check_batch(input_ids, attention_mask, completion_mask)
     labels = torch.full_like(input_ids, -100, dtype=torch.long)
     labels[:, :-1] = input_ids[:, 1:].masked_fill(~completion_mask[:, 1:].bool(), -100)
@@ -520,6 +556,7 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
         input_ids = (torch.arange(8, device=device) * 7919 % max(1, min(n_vocab, 1000))).unsqueeze(0)
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids)
+    scale, softcap = _head_input_transform(model, spec)
     captured = {}
 
     def head_forward(module, x, original):
@@ -530,9 +567,9 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
         s = rows @ weight.T
         if bias is not None:
             s = s + bias
-        z = s.double() * spec.logit_scale
-        if spec.softcap is not None:
-            z = spec.softcap * torch.tanh(z / spec.softcap)
+        z = s.double() * scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
         captured["z"], captured["dtype"] = z, weight.dtype
         return original(x)
 
@@ -544,22 +581,44 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
     finally:
         model.train(was_training)
     if record["calls"] != 1:
-        raise RuntimeError(f"{type(_unwrap_peft(model)).__name__}'s forward called its output embedding "
-                           f"{record['calls']} times (expected once)")
+        raise ValueError(f"{type(_unwrap_peft(model)).__name__} (model_type={_model_type(model)!r})'s forward called its "
+                         f"output embedding {record['calls']} times (expected once); dpo_fast does not support this "
+                         "architecture")
     z = captured["z"]
     if tuple(z.shape) != tuple(logits.shape):
-        raise ValueError(f"{type(model).__name__}: the lm_head gives logits of shape {tuple(z.shape)} but the model "
-                         f"returns {tuple(logits.shape)}; this architecture is not supported")
+        raise ValueError(f"{type(model).__name__} (model_type={_model_type(model)!r}): the lm_head gives logits of shape "
+                         f"{tuple(z.shape)} but the model returns {tuple(logits.shape)}; dpo_fast does not support this "
+                         "architecture")
     low = captured["dtype"] in (torch.float16, torch.bfloat16)
     rtol = (2e-2 if low else 1e-4) if rtol is None else rtol
     atol = (2e-2 if low else 1e-4) if atol is None else atol
     diff = (z - logits).abs()
     worst = float(diff.max()) if diff.numel() else 0.0
     if bool((diff > atol + rtol * logits.abs()).any()):
-        model_type = getattr(_text_config(_unwrap_peft(model)), "model_type", "?")
         raise ValueError(
-            f"{type(model).__name__} (model_type={model_type!r}) computes its logits differently from "
+            f"{type(model).__name__} (model_type={_model_type(model)!r}) computes its logits differently from "
             f"lm_head(hidden) * {spec.logit_scale} with softcap={spec.softcap} (max |difference| {worst:.3g}); "
             "dpo_fast does not support this architecture's logit transform"
         )
     return worst
+
+
+def _model_type(model) -> str:
+    return str(getattr(_text_config(_unwrap_peft(model)), "model_type", "?"))
+
+
+def check_lm_head_once(model) -> None:
+    """Run :func:`check_lm_head_spec` the first time a trainer or the TRL integration sees ``model``.
+
+    An architecture whose logit transform dpo_fast does not reproduce is then an error naming
+    its model type before any training, not silently wrong log-probs. The result is remembered
+    on the model object (one short forward per model; a failure is raised again on every call).
+    """
+    inner = _unwrap_peft(model)
+    if getattr(inner, "_dpo_fast_head_checked", False):
+        return
+    check_lm_head_spec(model)
+    try:
+        object.__setattr__(inner, "_dpo_fast_head_checked", True)
+    except (AttributeError, TypeError):  # pragma: no cover - a model that refuses attributes is re-checked
+        pass
