@@ -174,8 +174,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
 
 def _check_head_once(model):
-    """``check_lm_head_once`` unless the head is sharded (ZeRO-3 / FSDP2: a lone forward would need
-    collectives every rank issues); the fused forward refuses a partitioned head on its own."""
+    """``check_lm_head_once`` unless the head is already sharded (ZeRO-3 ``zero.Init`` / FSDP2): outside
+    its engine a partitioned model cannot run a forward, and a sharded one needs every rank to run it.
+    The fused forward itself runs the head inside the model's forward, where the framework gathers it."""
     weight = lm_head_spec(model).weight
     if weight.numel() == 0 or hasattr(weight, "full_tensor"):
         return
