@@ -248,16 +248,22 @@ def _flex_block_mask(layout, window):
     return create_block_mask(mask_mod, n_rows, None, n, n, device=seg.device)
 
 
-def model_attention_mask(model, layout: PackedLayout):
-    """The ``attention_mask`` argument that makes ``model`` attend as the layout requires."""
+def _attention_path(model):
+    """``(text config, attn_implementation)``; raises for a path that cannot take the mask."""
     config = _text_config(_unwrap_peft(model))
     path = getattr(config, "_attn_implementation", None) or "eager"
-    model_type = getattr(config, "model_type", "?")
     if path not in _MASK_PATHS:
         raise PackingUnsupportedError(
-            f"{type(model).__name__} (model_type={model_type!r}) uses attn_implementation={path!r}, which cannot take "
-            f"the shared-prompt attention mask; load it with attn_implementation='sdpa' (or one of {_MASK_PATHS}), "
-            "or use packing=None")
+            f"{type(model).__name__} (model_type={getattr(config, 'model_type', '?')!r}) uses attn_implementation="
+            f"{path!r}, which cannot take the shared-prompt attention mask; load it with attn_implementation='sdpa' "
+            f"(or one of {_MASK_PATHS}), or use packing=None")
+    return config, path
+
+
+def model_attention_mask(model, layout: PackedLayout):
+    """The ``attention_mask`` argument that makes ``model`` attend as the layout requires."""
+    config, path = _attention_path(model)
+    model_type = getattr(config, "model_type", "?")
     window, types = _window(config)
     if window is not None and model_type not in _WINDOW_VERIFIED:
         longest = int(layout.position_ids.max()) + 1
@@ -417,7 +423,7 @@ def check_packing_support(model, packing="shared_prompt_packed", *, force=False)
     if done is not None and key in done and not force:
         return done[key]
     spec = lm_head_spec(model)
-    config = _text_config(_unwrap_peft(model))
+    config, _ = _attention_path(model)
     name = f"{type(model).__name__} (model_type={getattr(config, 'model_type', '?')!r})"
     ids, att, comp = _probe_batch(spec.weight.shape[0], spec.weight.device)
     was_training = model.training
@@ -438,7 +444,7 @@ def check_packing_support(model, packing="shared_prompt_packed", *, force=False)
     diff = (got[:, :-1] - expected[:, :-1]).abs()[scored].double()
     ref = expected[:, :-1].abs()[scored].double()
     worst = float(diff.max())
-    if spec.weight.dtype in (torch.float16, torch.bfloat16):
+    if layout_dtype(model) in (torch.float16, torch.bfloat16):
         bad = not float(diff.mean()) <= 2e-2
     else:
         bad = not bool((diff <= 1e-4 * (1 + ref)).all())
