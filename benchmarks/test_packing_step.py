@@ -22,8 +22,9 @@ prompt median 192 (sigma 0.6, 8..768), chosen and rejected drawn independently w
 preference data (prompts of a few hundred tokens, completions of widely varying length); the
 parameters are chosen, not fitted to a dataset. Token ids are uniform over the vocabulary
 (the step's cost does not depend on them), written as words of the synthetic word-level
-tokenizer so that TRL tokenises the same rows to the same ids. Each step takes the next ``PAIRS`` pairs in order;
-every provider sees the same pairs in the same order.
+tokenizer so that TRL tokenises the same rows to the same ids. Each timed round runs ``STEPS_CACHED`` optimizer steps on the
+same batches of ``PAIRS`` pairs (so every round does the same work); every provider sees the
+same pairs in the same order.
 
 Recorded per provider (``extra_info``): ``trunk_tokens_per_pair`` (positions the trunk runs
 over, padding included, per pair), ``real_tokens_per_pair`` (without padding), the loss of
@@ -31,8 +32,6 @@ the first step (before any update, the same batch for all), and the peak memory.
 Before timing, each provider's first-step loss must equal ``dpo_fast-padded``'s to 1e-5
 relative (else the test fails: a wrong provider's timings mean nothing).
 """
-import copy
-import itertools
 import math
 import random
 import tempfile
@@ -40,7 +39,7 @@ import tempfile
 import pytest
 
 PAIRS = {"cpu": 8, "gpu": 32, "smoke": 2}
-STEPS_CACHED = {"cpu": 4, "gpu": 4, "smoke": 1}
+STEPS_CACHED = {"cpu": 2, "gpu": 4, "smoke": 1}  # optimizer steps per timed round (the same batches each round)
 VOCAB = 8192
 MAX_LENGTH = {"cpu": 1024, "gpu": 1024, "smoke": 64}
 # (median, sigma, lo, hi) of the log-normal token counts; "smoke" scales them down for CI.
@@ -129,8 +128,9 @@ def _dpo_fast_step_fn(provider, size, device, rows):
             trunk.append(layout.forwarded)
             real.append(layout.tokens)
 
-    def step(examples):
-        trainer.train_step([examples])
+    def step():
+        for examples in batches:
+            trainer.train_step([examples])
 
     return step, batches, trunk, real, first_loss, model
 
@@ -162,11 +162,12 @@ def _trl_step_fn(size, device, rows, tmp):
     trunk = [b["input_ids"].numel() for b in batches]
     real = [int(b["attention_mask"].sum()) for b in batches]
 
-    def step(batch):
-        trainer.model.train()
-        trainer.training_step(trainer.model, batch)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+    def step():
+        for batch in batches:
+            trainer.model.train()
+            trainer.training_step(trainer.model, batch)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
 
     return step, batches, trunk, real, first_loss, trainer.model
 
@@ -205,7 +206,6 @@ def test_packing_step(benchmark, harness, provider_name, request):
                 pytest.fail(f"{provider_name}: first-step loss {first_loss!r} differs from dpo_fast-padded's "
                             f"{ref_loss!r} by more than 1e-5 relative")
         assert abs(first_loss - math.log(2)) > 1e-3, "reference == policy: the loss comparison would have no teeth"
-        order = itertools.cycle(range(len(batches)))
         pairs = PAIRS[size] * len(batches)
         shape = _Shape(size, int(sum(trunk) / len(trunk)), model.config.hidden_size, model.config.vocab_size)
 
@@ -213,10 +213,10 @@ def test_packing_step(benchmark, harness, provider_name, request):
             name, note = provider_name, NOTES[provider_name]
 
         harness.run(benchmark, bench="packing_step", provider=_P, shape=shape, target=step,
-                    setup=lambda: (batches[next(order)],),
-                    extra={"what": f"one optimizer step: {PAIRS[size]} pairs (log-normal lengths), sigmoid DPO loss "
-                                   "on cached reference log-probs, backward, AdamW",
-                           "pairs": PAIRS[size], "params": sum(p.numel() for p in model.parameters()),
+                    setup=lambda: (),
+                    extra={"what": f"{len(batches)} optimizer steps of {PAIRS[size]} pairs each (log-normal lengths), "
+                                   "sigmoid DPO loss on cached reference log-probs, backward, AdamW",
+                           "pairs": pairs, "steps_per_round": len(batches), "params": sum(p.numel() for p in model.parameters()),
                            "trunk_tokens_per_pair": sum(trunk) / pairs, "real_tokens_per_pair": sum(real) / pairs,
                            "first_step_loss": first_loss, "max_length": MAX_LENGTH[size],
                            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")})

@@ -176,7 +176,7 @@ BENCH_TITLES = {
     "train_step": "end-to-end DPO training step on a small HF model",
     "packing_step": "DPO step with shared prompts and packing (log-normal lengths, demo's small model)",
 }
-PACKING_FIELDS = ("trunk_tokens_per_pair", "real_tokens_per_pair", "first_step_loss", "pairs")
+PACKING_FIELDS = ("trunk_tokens_per_pair", "real_tokens_per_pair", "first_step_loss", "pairs", "steps_per_round")
 
 
 def load_rows(path_or_data) -> list[dict]:
@@ -314,8 +314,9 @@ def markdown_table(rows: list[dict], skips: list[dict] | None = None) -> str:
 
 
 def packing_table(rows: list[dict]) -> list[str]:
-    """Lines of the shared-prompt/packing table: trunk tokens per pair, step time and the
-    speed-up against ``dpo_fast-padded``, peak memory and the first-step loss (same batch)."""
+    """Lines of the shared-prompt/packing table: trunk tokens per pair, step time (a round's
+    median over its ``steps_per_round`` steps) and the speed-up against ``dpo_fast-padded``,
+    peak memory and the first-step loss (same batch)."""
     base = {r["shape"]: r for r in rows if r["provider"] == "dpo_fast-padded"}
     out = ["| provider | trunk tokens / pair | real tokens / pair | median step | pairs / s | step throughput vs "
            "dpo_fast-padded | trunk tokens vs dpo_fast-padded | peak memory | first-step loss |",
@@ -326,9 +327,10 @@ def packing_table(rows: list[dict]) -> list[str]:
         tokens = (r.get("trunk_tokens_per_pair") / b["trunk_tokens_per_pair"] - 1) * 100 \
             if b and b.get("trunk_tokens_per_pair") and r.get("trunk_tokens_per_pair") else None
         rate = r["pairs"] / r["median_s"] if r.get("pairs") and r["median_s"] else None
+        step = r["median_s"] / r.get("steps_per_round", 1) if r["median_s"] else None
         provider = f"**{r['provider']}**" if is_dpo_fast(r["provider"]) else r["provider"]
         out.append(f"| {provider} | {_fmt(r.get('trunk_tokens_per_pair'), '.0f')} "
-                   f"| {_fmt(r.get('real_tokens_per_pair'), '.0f')} | {fmt_time(r['median_s'])} | {_fmt(rate, '.2f')} "
+                   f"| {_fmt(r.get('real_tokens_per_pair'), '.0f')} | {fmt_time(step)} | {_fmt(rate, '.2f')} "
                    f"| {_fmt(speed, '.2f', '×')} | {_fmt(tokens, '+.0f', '%')} | {fmt_bytes(r['peak_bytes'])} "
                    f"| {_fmt(r.get('first_step_loss'), '.7f')} |")
     out.append("")
