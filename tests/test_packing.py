@@ -247,3 +247,28 @@ def test_bad_inputs_are_named():
     layout = build_layout(ids[:4], att[:4], comp[:4])
     with pytest.raises(ValueError, match="layout was built"):
         packed_completion_logps(model, ids, att, comp, layout=layout)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_block_mask_encodes_the_same_rule(window):
+    """The FlexAttention BlockMask (attn_implementation="flex_attention") allows exactly what the
+    4-D mask allows, and no block holding an allowed entry is skipped. (FlexAttention itself needs
+    torch.compile and, on CPU, has no backward: the model-level check runs where it is available.)"""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from dpo_fast.integrations.packing import _flex_block_mask
+
+    b = _batch(_examples(8, seed=11, prompt=(20, 60), completion=(10, 40)))
+    layout = build_layout(*_cols(b), packing="shared_prompt_packed")
+    allowed = layout_allowed(layout, window)
+    block = _flex_block_mask(layout, window)
+    n = allowed.shape[-1]
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    for r in range(allowed.shape[0]):
+        assert torch.equal(block.mask_mod(torch.tensor(r), torch.tensor(0), q, k), allowed[r])
+    size = block.BLOCK_SIZE[0]
+    dense = block.to_dense()[:, 0].bool()  # [R, q blocks, k blocks]
+    pad = -n % size
+    padded = torch.nn.functional.pad(allowed, (0, pad, 0, pad))
+    needed = padded.unflatten(1, (-1, size)).unflatten(3, (-1, size)).any(4).any(2)
+    assert not (needed & ~dense).any()
+    assert (~dense).any(), "off-diagonal pair blocks are skipped"
