@@ -185,15 +185,14 @@ def build_layout(input_ids, attention_mask, completion_mask, *, packing="shared_
             branch[row, start + s + lc:end] = 2
             base = row * width + start
             for seq, mask, out_row, offset in ((c, cm, i, 0), (r, rm, b + i, lc)):
-                for t in range(1, len(seq)):
-                    if mask[t]:
-                        j = t - 1  # logical position of the predicting hidden state
-                        source.append(base + j + (offset if j >= s else 0))
-                        labels.append(seq[t])
-                        t_row.append(out_row)
-                        t_col.append(j)
+                t = torch.tensor(mask[1:], dtype=torch.bool).nonzero().flatten() + 1  # scored tokens
+                j = t - 1  # logical position of the hidden state that predicts token t
+                source.append(base + j + offset * (j >= s))
+                labels.append(torch.tensor(seq, dtype=torch.long)[t])
+                t_row.append(torch.full_like(j, out_row))
+                t_col.append(j)
             start = end
-    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    as_long = lambda v: torch.cat(v).to(device)  # noqa: E731
     return PackedLayout(input_ids=tok.to(device), position_ids=pos.to(device), segment=seg.to(device),
                         branch=branch.to(device), source=as_long(source), labels=as_long(labels),
                         target_row=as_long(t_row), target_col=as_long(t_col), batch_shape=tuple(input_ids.shape),
