@@ -397,6 +397,10 @@ def readme_snippet(rows: list[dict], env: dict, folder: str) -> str:
             head.append(f"| {r['shape']} | {r['tokens']} | {provider} | {fmt_time(r['median_s'])} "
                         f"| {fmt_bytes(r['peak_bytes'])} | {_fmt(r['vs_best_peer'], '.2f', '×')} |")
         head.append("")
+    packing = [r for r in rows if r["bench"] == "packing_step"]
+    if packing:
+        head += [f"{BENCH_TITLES['packing_step']}; one optimizer step each, same pairs, same first-step loss:", ""]
+        head += packing_table(packing)
     head.append("Peak memory is what one call allocates beyond its inputs; \"time ÷ best peer\" below 1 means faster "
                 "than every other provider measured on that shape.")
     return "\n".join(head) + "\n"

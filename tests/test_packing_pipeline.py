@@ -21,7 +21,7 @@ MODES = ("shared_prompt", "shared_prompt_packed")
 
 @pytest.mark.parametrize("packing", MODES)
 def test_verify_with_packing_matches_the_padded_oracle(packing):
-    report = verify(3, packing=packing)
+    report = verify(2, packing=packing)
     assert report.ok, report.format()
     assert report.packing == packing and f"packing={packing}" in report.format()
     assert report.max_loss_diff <= 1e-5 and report.max_param_change > 100 * report.max_param_diff
@@ -115,7 +115,7 @@ def test_precompute_with_and_without_packing_is_interchangeable(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.train_step().loss))
 
 
-@pytest.mark.parametrize("packing", MODES)
+@pytest.mark.parametrize("packing", ["shared_prompt_packed"])  # "shared_prompt" is the same code with one pair per row
 def test_trl_fused_dpo_trainer_with_packing_matches_padded(packing, tmp_path):
     pytest.importorskip("trl")
     from dpo_fast.integrations import trl as fused_trl
