@@ -235,8 +235,16 @@ def test_bad_inputs_are_named():
     ids, att, comp = _cols(b)
     with pytest.raises(ValueError, match="packing must be"):
         packed_completion_logps(model, ids, att, comp, packing="packed")
-    with pytest.raises(ValueError, match="2B rows"):
+    with pytest.raises(ValueError, match="2B > 0 rows"):
         build_layout(ids[:3], att[:3], comp[:3])
+    with pytest.raises(ValueError, match="2B > 0 rows"):
+        build_layout(ids[:0], att[:0], comp[:0])
+    with pytest.raises(ValueError, match="all zeros"):
+        build_layout(ids, att * 0, comp * 0)
+    with pytest.raises(TypeError, match="integer"):
+        build_layout(ids.float(), att, comp)
+    with pytest.raises(ValueError, match="needs packing"):
+        build_layout(ids, att, comp, packing=None)
     left = torch.flip(att, [1])
     with pytest.raises(ValueError, match="right-padded"):
         build_layout(ids, left, comp * left)

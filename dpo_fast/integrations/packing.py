@@ -152,8 +152,10 @@ def build_layout(input_ids, attention_mask, completion_mask, *, packing="shared_
     if packing is None:
         raise ValueError("build_layout needs packing='shared_prompt' or 'shared_prompt_packed', got None")
     _check_batch(input_ids, attention_mask, completion_mask)
-    if input_ids.shape[0] % 2:
-        raise ValueError(f"input_ids must hold 2B rows (chosen rows then rejected rows), got {input_ids.shape[0]}")
+    if input_ids.shape[0] % 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must hold 2B > 0 rows (chosen rows then rejected rows), got {input_ids.shape[0]}")
+    if int(attention_mask.sum()) == 0:
+        raise ValueError("attention_mask is all zeros: the batch has no tokens to forward")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
     device = input_ids.device
