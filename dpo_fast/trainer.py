@@ -17,6 +17,11 @@ the mean over all pairs of the step, exactly as one big batch would give (for ev
 whose loss is a mean of per-pair terms: all but ``aot``/``aot_unpaired``, which sort across the
 batch, and ``sft``, a token mean). Metrics are computed over the whole step's pairs and tokens.
 
+With ``TrainerConfig(packing="shared_prompt"|"shared_prompt_packed")`` the fused forward (and
+the reference pass) runs each prompt once and packs the pairs
+(:mod:`dpo_fast.integrations.packing`); the per-token outputs, and so everything after them,
+are the same to fp32 rounding.
+
 Tokenisation and collation are TRL's (:mod:`dpo_fast.data`). Reference log-probs come from a
 dpo_fast cache (:mod:`dpo_fast.cache`), a reference model, or, by default, are computed once
 from the initial policy before the first step (so no reference model stays in memory).
