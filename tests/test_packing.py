@@ -280,3 +280,19 @@ def test_flex_block_mask_encodes_the_same_rule(window):
     needed = padded.unflatten(1, (-1, size)).unflatten(3, (-1, size)).any(4).any(2)
     assert not (needed & ~dense).any()
     assert (~dense).any(), "off-diagonal pair blocks are skipped"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_probe_accepts_exact_models_and_refuses_alibi(dtype):
+    """In 16 bits a layout error in a barely trained model is as small as rounding; the probe
+    measures it against the change a deliberately wrong layout causes."""
+    for family in ("llama", "gpt2"):
+        assert check_packing_support(_model(family).to(dtype), "shared_prompt_packed") < 5e-2
+    torch.manual_seed(0)
+    with pytest.raises(PackingUnsupportedError, match="MptForCausalLM.*packing=None"):
+        check_packing_support(_mpt().to(dtype), "shared_prompt_packed")
+    model = _model("llama").to(dtype)
+    forward = model.model.forward
+    model.model.forward = lambda *a, position_ids=None, **k: forward(*a, **k)
+    with pytest.raises(PackingUnsupportedError, match="packing=None"):
+        check_packing_support(model, "shared_prompt")
