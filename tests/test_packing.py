@@ -296,3 +296,20 @@ def test_16bit_probe_accepts_exact_models_and_refuses_alibi(dtype):
     model.model.forward = lambda *a, position_ids=None, **k: forward(*a, **k)
     with pytest.raises(PackingUnsupportedError, match="packing=None"):
         check_packing_support(model, "shared_prompt")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(impl="fast"), "impl"), (dict(temperature=float("nan")), "temperature"), (dict(outputs=("nope",)), "outputs"),
+    (dict(packing="pack"), "packing must be"), (dict(max_tokens=-3), "max_tokens"),
+    (dict(completion_mask=torch.ones(2, 3, dtype=torch.long)), "completion_mask"),
+])
+def test_bad_options_fail_before_the_forward(bad, match, monkeypatch):
+    from dpo_fast.integrations import packing
+
+    model = _model("llama")
+    b = _batch(_examples(2))
+    monkeypatch.setattr(packing, "resolve_backbone", lambda m: pytest.fail("the forward was reached"))
+    kwargs = dict(zip(("input_ids", "attention_mask", "completion_mask"), _cols(b)))
+    kwargs.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        packed_completion_logps(model, **kwargs)

@@ -324,8 +324,12 @@ def packed_completion_logps(model, input_ids, attention_mask, completion_mask, *
         a float32 ``[2B, T]`` tensor (a dict of them for several outputs); gradients flow into
         the model.
     """
+    from ..ops import IMPLS
+
     opts = LogprobOptions(temperature=temperature, outputs=outputs)
     check_packing(packing)
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if layout is None:
         layout = build_layout(input_ids, attention_mask, completion_mask, packing=packing, max_tokens=max_tokens)
     elif tuple(layout.batch_shape) != tuple(input_ids.shape):
