@@ -373,6 +373,12 @@ def _cast_operands(hidden, weight, bias, dtype=None):
     return hidden, weight, bias
 
 
+def _head_operands(hidden, spec: LMHeadSpec):
+    """Backbone hidden states, weight, bias in the dtype the model's own lm_head matmul would use
+    (for callers that run the backbone and read the head outside the forward: single-process only)."""
+    return _cast_operands(hidden, spec.weight, spec.bias)
+
+
 def _local_head_params(head):
     weight, bias = head.weight, getattr(head, "bias", None)
     if type(weight).__name__ == "DTensor" or weight.dim() != 2:
