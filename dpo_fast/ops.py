@@ -13,7 +13,7 @@ import torch
 
 from . import blockwise, reference
 from .options import LogprobOptions
-from .validation import check_float, check_labels, check_linear_inputs
+from .validation import check_float, check_labels, check_linear_inputs, is_dtensor
 
 IMPLS = ("auto", "reference", "torch", "triton")
 
@@ -160,6 +160,12 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, log
     """
     opts = LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                           temperature=temperature, outputs=outputs, deterministic=deterministic)
+    if is_dtensor(weight) or is_dtensor(hidden) or is_dtensor(bias):
+        # A row-sharded DTensor head with DTensor hidden states is vocabulary-parallel; every
+        # other DTensor combination is a clear error there (see dpo_fast.vocab_parallel).
+        from .vocab_parallel import run
+
+        return run(hidden, weight, labels, bias, opts, impl, explicit=False)
     check_linear_inputs(hidden, weight, labels, bias, ignore_index)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
     if impl == "reference":
