@@ -16,8 +16,8 @@ Forward, per rank (``N`` = valid tokens, identical on every rank):
      log-prob and the local extras;
   2. all-reduce MAX of ``lse_r`` -> ``M`` (and of the local max logit when ``is_top1`` is
      asked for);
-  3. one all-reduce SUM of a ``[k, N]`` stack of per-rank partials, each <= 1 in magnitude
-     before the sum except the label logit and the logit sums:
+  3. one all-reduce SUM of a ``[k, N]`` float64 stack of per-rank partials (combining in
+     float64 keeps the global lse within about one float32 rounding of a single-process one):
      ``S = sum_r exp(lse_r - M)`` so ``lse = M + log S``;
      the label logit ``z_label`` (only the owner contributes; ``log p = z_label - lse``);
      entropy: ``sum_j p_j z_j = sum_r exp(lse_r - M) * E_r[z] / S`` with the local mean
@@ -202,12 +202,13 @@ def _label_fingerprint(labels):
 
 
 def _hidden_fingerprint(hidden):
+    """float64 sum, abs-sum and a few sampled values (reductions accumulate in float64 without a copy)."""
     flat = hidden.detach().reshape(-1)
     if flat.numel() == 0:
         return [0.0, 0.0] + [0.0] * _N_SAMPLES
     pos = torch.linspace(0, flat.numel() - 1, _N_SAMPLES, device=flat.device).long()
-    d = flat.double()
-    return [float(d.sum()), float(d.abs().sum())] + d[pos].tolist()
+    return ([float(flat.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(flat, 1, dtype=torch.float64))]
+            + flat[pos].double().tolist())
 
 
 def _meta(pairs, weight, bias, start, vocab_size, opts, impl):
@@ -383,42 +384,51 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
                 ex_r = {e: zeros() for e in local.extras}
             else:
                 lp_r, lse_r, ex_r = _backend(impl).linear_logprobs_fwd(hidden, weight, local_labels, bias, local)
+            # The combination runs in float64 on [k, N] vectors (negligible next to the matmuls):
+            # each rank's float32 lse is already rounded once, and combining R of them in float32
+            # would add several more roundings of an O(|lse|) quantity to every probability.
+            f64 = lambda t: t.to(torch.float64)  # noqa: E731
+            lse_r, lp_r, ex_r = f64(lse_r), f64(lp_r), {k: f64(t) for k, t in ex_r.items()}
+            z64 = torch.zeros_like(lse_r)
             maxes = [lse_r]
             if "is_top1" in extras:
                 if v_local == 0:
-                    top_r, arg_r = torch.full_like(lse_r, float("-inf")), torch.zeros(n, dtype=torch.long,
-                                                                                      device=hidden.device)
+                    top_r = torch.full_like(lse_r, float("-inf"))
+                    arg_r = torch.zeros(n, dtype=torch.long, device=hidden.device)
                 else:
                     top_r, arg_r = _local_max(hidden, weight, bias, opts)
-                maxes.append(top_r)
+                maxes.append(f64(top_r))  # exact: comparisons below stay bitwise
             maxes = torch.stack(maxes)
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
             m = maxes[0]
             e_r = torch.exp(lse_r - m)  # 0 for an empty shard
             has = e_r > 0
-            parts = [e_r, torch.where(owned, lp_r + lse_r, zeros())]
+            parts = [e_r, torch.where(owned, lp_r + lse_r, z64)]
             if "entropy" in extras:
-                parts.append(torch.where(has, e_r * (lse_r - ex_r["entropy"]), zeros()))
+                parts.append(torch.where(has, e_r * (lse_r - ex_r["entropy"]), z64))
             if "log_sum_sq_probs" in extras:
-                parts.append(torch.where(has, torch.exp(ex_r["log_sum_sq_probs"] + 2 * (lse_r - m)), zeros()))
+                parts.append(torch.where(has, torch.exp(ex_r["log_sum_sq_probs"] + 2 * (lse_r - m)), z64))
             if "mean_logits" in extras:
-                parts.append(ex_r["mean_logits"] * v_local if v_local else zeros())
+                parts.append(ex_r["mean_logits"] * v_local if v_local else z64)
             parts = torch.stack(parts)
             dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
             s = parts[0]
-            lse = m + torch.log(s)
-            out = {"log_probs": parts[1] - lse}
+            lse64 = m + torch.log(s)
+            out = {"log_probs": parts[1] - lse64}
             i = 2
             if "entropy" in extras:
-                out["entropy"] = lse - parts[i] / s
+                out["entropy"] = lse64 - parts[i] / s
                 i += 1
             if "log_sum_sq_probs" in extras:
                 out["log_sum_sq_probs"] = torch.log(parts[i]) - 2 * torch.log(s)
                 i += 1
             if "mean_logits" in extras:
                 out["mean_logits"] = parts[i] / shard.vocab_size
+            out = {k: t.to(cd) for k, t in out.items()}
+            lse = lse64.to(cd)
             if "is_top1" in extras:
-                key = torch.where(top_r == maxes[1], arg_r + shard.start, torch.full_like(arg_r, shard.vocab_size))
+                key = torch.where(f64(top_r) == maxes[1], arg_r + shard.start,
+                                  torch.full_like(arg_r, shard.vocab_size))
                 dist.all_reduce(key, op=dist.ReduceOp.MIN, group=group)
                 out["is_top1"] = key == labels
         ctx.save_for_backward(hidden, weight, bias, local_labels, lse)

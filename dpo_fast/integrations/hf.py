@@ -20,6 +20,8 @@ import torch
 
 from ..ops import linear_logprobs
 from ..options import LogprobOptions
+from ..validation import is_dtensor
+from ..vocab_parallel import vocab_parallel_linear_logprobs
 
 __all__ = [
     "LMHeadSpec",
@@ -40,12 +42,17 @@ class LMHeadSpec:
     ``logits = c * tanh((hidden @ weight.T + bias) * logit_scale / c)`` with ``c = softcap``
     (no tanh when ``softcap`` is None). ``weight`` and ``bias`` are the model's own parameters
     (not copies), so gradients reach them.
+
+    ``vocab_parallel`` is True for a model loaded with a tensor-parallel plan that splits the
+    lm_head by vocabulary rows (``weight`` is then a DTensor ``Shard(0)`` over the TP mesh):
+    the head runs through :func:`dpo_fast.vocab_parallel_linear_logprobs`, never gathered.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     logit_scale: float
     softcap: float | None
+    vocab_parallel: bool = False
 
 
 def _unwrap_peft(model):
@@ -127,7 +134,23 @@ def lm_head_spec(model) -> LMHeadSpec:
     inner = _unwrap_peft(model)
     weight, bias = _output_embedding(inner)
     scale, softcap = logit_transform(_text_config(inner), has_bias=bias is not None)
-    return LMHeadSpec(weight=weight, bias=bias, logit_scale=scale, softcap=softcap)
+    return LMHeadSpec(weight=weight, bias=bias, logit_scale=scale, softcap=softcap,
+                      vocab_parallel=_tensor_parallel_head(inner, weight))
+
+
+def _tensor_parallel_head(model, weight) -> bool:
+    """True when transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")`` /
+    ``DistributedConfig(tp_size=...)``) split the lm_head by vocabulary rows: the model reports
+    ``tp_size > 1`` and the weight is a DTensor ``Shard(0)`` over a 1-D mesh (the "colwise" styles;
+    the hidden states the backbone returns are then replicated plain tensors). A DTensor weight
+    without that (FSDP2) is left to the op, which rejects it with a message saying what to do."""
+    if not is_dtensor(weight):
+        return False
+    from torch.distributed.tensor import Shard
+
+    tp_size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
+    return (isinstance(tp_size, int) and tp_size > 1 and weight.device_mesh.ndim == 1
+            and tuple(weight.placements) == (Shard(0),))
 
 
 def logit_transform(config, *, has_bias: bool = False) -> tuple[float, float | None]:
@@ -257,9 +280,10 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
     hidden, weight, bias = _head_operands(hidden, spec)
     # The operands now have the dtype autocast chose; inside, the fused op accumulates in fp32 on
     # its own terms, which autocast must not override (it would recast the fp32 tiles to bf16).
+    head_op = vocab_parallel_linear_logprobs if spec.vocab_parallel else linear_logprobs
     with torch.autocast(hidden.device.type, enabled=False):
-        return linear_logprobs(hidden, weight, labels, bias, ignore_index=-100, logit_scale=spec.logit_scale,
-                               softcap=spec.softcap, temperature=temperature, outputs=outputs, impl=impl)
+        return head_op(hidden, weight, labels, bias, ignore_index=-100, logit_scale=spec.logit_scale,
+                       softcap=spec.softcap, temperature=temperature, outputs=outputs, impl=impl)
 
 
 def sequence_logps_from_model(model, input_ids, attention_mask, completion_mask, **kwargs):
@@ -302,6 +326,8 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.double()
         hidden = backbone_hidden_states(model, input_ids, attention_mask)
         hidden, weight, bias = _head_operands(hidden, spec)
+        if spec.vocab_parallel:  # a check on a few tokens: gathering the head once is fine here
+            weight, bias = weight.full_tensor(), (None if bias is None else bias.full_tensor())
         s = hidden @ weight.T
         if bias is not None:
             s = s + bias
