@@ -63,14 +63,13 @@ across ranks.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .blockwise import _blocks, _tile, _transform
-from .ops import _backend, _scatter, compact_rows, resolve_impl
+from .ops import _backend, compact_rows, resolve_impl, scatter_outputs
 from .options import LogprobOptions
 from .reference import compute_dtype
 from .validation import check_float, check_labels, check_same_device, check_same_dtype, is_dtensor
@@ -118,16 +117,18 @@ def _is_row_sharded(t) -> bool:
     return t.device_mesh.ndim == 1 and len(t.placements) == 1 and t.placements[0] == Shard(0)
 
 
+_FSDP_HINT = ("run the head inside the FSDP module's forward, where the weight is unsharded (e.g. "
+              "torch.distributed.fsdp.register_fsdp_forward_method, as dpo_fast.integrations.hf does); do not pass "
+              "weight.full_tensor(), whose backward keeps each rank's un-reduced gradient")
+
+
 def _fsdp_or_tp_hint(name):
     return (
         f"{name} is a DTensor sharded by rows (Shard(0)) but the hidden states are a plain tensor, so dpo_fast "
         "cannot tell a tensor-parallel (vocabulary-split) head from an FSDP2-sharded one. Tensor parallel (every "
         "rank has the same hidden states): call dpo_fast.vocab_parallel_linear_logprobs(hidden, weight, labels, ...) "
         "or pass vocab_parallel=True to fused_linear_dpo_loss / FusedLinearDPOLoss, or pass the hidden states as a "
-        "replicated DTensor on the weight's mesh. FSDP2 (each rank has its own data): run the head inside the FSDP "
-        "module's forward, where the weight is unsharded (e.g. torch.distributed.fsdp.register_fsdp_forward_method, "
-        "as dpo_fast.integrations.hf does); do not pass weight.full_tensor(), whose backward keeps each rank's "
-        "un-reduced gradient."
+        f"replicated DTensor on the weight's mesh. FSDP2 (each rank has its own data): {_FSDP_HINT}."
     )
 
 
@@ -169,8 +170,7 @@ def dtensor_head(hiddens, weight, bias, *, explicit=False):
         raise ValueError(
             f"weight is a DTensor with placements {tuple(weight.placements)} on a {weight.device_mesh.ndim}-D mesh; "
             "dpo_fast supports a DTensor weight only as a vocabulary-parallel head: Shard(0) over a 1-D mesh with "
-            "the same hidden states on every rank. For FSDP2 run the head inside the FSDP module's forward (e.g. "
-            "register_fsdp_forward_method, as dpo_fast.integrations.hf does), where the weight is unsharded."
+            f"the same hidden states on every rank. For FSDP2: {_FSDP_HINT}."
         )
     mesh = weight.device_mesh
     plain = [n for n, h in hiddens.items() if not is_dtensor(h)]
@@ -300,8 +300,7 @@ def validate(pairs, weight, bias, start, vocab_size, group, opts, impl):
             raise ValueError(
                 f"vocabulary-parallel head: {lname} (shape, count or ids) or {hname}.requires_grad differ across "
                 f"ranks; every rank must hold the same labels and hidden states (tensor parallel). If each rank has "
-                f"its own data (FSDP2, data parallel), the head is not vocabulary-parallel: "
-                f"{_fsdp_or_tp_hint('the weight').split('FSDP2 (each rank has its own data): ')[1]}")
+                f"its own data (FSDP2, data parallel), the head is not vocabulary-parallel: {_FSDP_HINT}")
         fp = table[:, off + _PAIR_EXACT:off + _PAIR_WIDTH]
         tol = 1e-3 * (1.0 + fp[:, 1:2].abs().max())
         diff_sum = (fp[:, 0] - fp[0, 0]).abs().max()
@@ -309,9 +308,8 @@ def validate(pairs, weight, bias, start, vocab_size, group, opts, impl):
         if bool(diff_sum > tol) or bool(((fp[:, 2:] - fp[0, 2:]).abs() > tol_s).any()):
             raise ValueError(
                 f"vocabulary-parallel head: {hname} differs across ranks; a vocabulary-parallel head needs the same "
-                "(replicated) hidden states on every rank. If each rank has its own data (FSDP2, data parallel), "
-                "run the head inside the FSDP module's forward instead (e.g. register_fsdp_forward_method, as "
-                "dpo_fast.integrations.hf does)")
+                f"(replicated) hidden states on every rank. If each rank has its own data (FSDP2, data parallel): "
+                f"{_FSDP_HINT}")
         off += _PAIR_WIDTH
     starts, sizes = table[:, 1].long().tolist(), table[:, 2].long().tolist()
     given = [s >= 0 for s in starts]
@@ -460,7 +458,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _resolve(weight, bias, vocab_start, vocab_size, group):
+def _resolve(weight, vocab_start, vocab_size, group):
     """Local weight/bias and ``(start or None, vocab_size, group)`` from a DTensor or explicit arguments."""
     if is_dtensor(weight):
         if vocab_start is not None or group is not None:
@@ -491,7 +489,7 @@ def prepare(pairs, weight, bias, *, vocab_start=None, vocab_size=None, group=Non
     """
     hiddens = {hname: h for hname, h, _, _ in pairs}
     local, weight_l, bias_l, dgroup = dtensor_head(hiddens, weight, bias, explicit=explicit)
-    start, total = _resolve(weight, bias, vocab_start, vocab_size, group)
+    start, total = _resolve(weight, vocab_start, vocab_size, group)
     group = dgroup if dgroup is not None else group
     pairs = [(hname, local[hname], lname, labels) for hname, _, lname, labels in pairs]
     first = pairs[0][1]
@@ -548,16 +546,9 @@ def run(hidden, weight, labels, bias, opts, impl, *, explicit=True, **placement)
     DTensor route of :func:`dpo_fast.linear_logprobs` (plain hidden states are then an error)."""
     pairs, weight, bias, shard, impl = prepare([("hidden", hidden, "labels", labels)], weight, bias, opts=opts,
                                                impl=impl, explicit=explicit, **placement)
-    hidden = pairs[0][1]
-    ignore_index = opts.ignore_index
-    rows, hidden_rows, label_rows = compact_rows(hidden, labels, ignore_index)
+    rows, hidden_rows, label_rows = compact_rows(pairs[0][1], labels, opts.ignore_index)
     log_probs, extras = rows_logprobs(hidden_rows, weight, label_rows, bias, shard, opts, impl)
-    n = labels.numel()
-    result = {"log_probs": _scatter(rows, log_probs, n, labels.shape)}
-    result.update({name: _scatter(rows, value, n, labels.shape) for name, value in extras.items()})
-    if opts.outputs == ("log_probs",):
-        return result["log_probs"]
-    return {name: result[name] for name in opts.outputs}
+    return scatter_outputs(rows, log_probs, extras, labels, opts)
 
 
 class VocabParallelLinearLogprobs(torch.nn.Module):

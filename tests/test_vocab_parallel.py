@@ -314,6 +314,13 @@ def _check_dtensor(rank, world, sizes_unused, impl):
     assert tuple(gw.placements) == (Shard(0),) and gw.to_local().shape[0] < v
     for gf, gt in zip((gh.full_tensor(), gw.full_tensor(), gb.full_tensor()), exact):
         assert max_err(gf, gt) < 1e-5 * _scale(gt)
+    # Hidden states sharded on the token dimension (sequence parallel) are gathered; their
+    # gradient comes back as this rank's slice of the complete one.
+    hs = distribute_tensor(hidden, mesh, [Shard(1)]).requires_grad_()
+    out_s = linear_logprobs(hs, wd, labels, bd, impl=impl, softcap=5.0)
+    assert max_err(out_s, truth["log_probs"]) < 2e-5
+    (gs,) = _grads(out_s, [hs])
+    assert tuple(gs.placements) == (Shard(1),) and max_err(gs.full_tensor(), exact[0]) < 1e-5 * _scale(exact[0])
     # Plain hidden states: explicit API works, the generic op refuses to guess (FSDP2 vs TP).
     h = hidden.clone().requires_grad_()
     out2 = vocab_parallel_linear_logprobs(h, wd, labels, bd, impl=impl, **kw)

@@ -262,7 +262,9 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``, GPT-2 style ``*LMHeadModel``,
-            PEFT-wrapped), see :func:`lm_head_spec`.
+            PEFT-wrapped), see :func:`lm_head_spec`. Loaded with a tensor-parallel plan
+            (``tp_plan="auto"``), its vocabulary-split lm_head runs through
+            :func:`dpo_fast.vocab_parallel_linear_logprobs`, never gathered.
         input_ids, attention_mask, completion_mask: ``[B, T]`` tensors on the model's device.
         impl: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (see :func:`dpo_fast.linear_logprobs`).
         outputs: names from ``dpo_fast.options.OUTPUT_NAMES``.
