@@ -249,11 +249,13 @@ def _check_local(pairs, weight, bias, vocab_size, opts):
         check_labels(lname, labels, hidden.shape[:-1], vocab_size, opts.ignore_index)
 
 
-def validate(pairs, weight, bias, start, vocab_size, group, opts, impl):
+def validate(pairs, weight, bias, start, vocab_size, group, opts, impl, error=None):
     """Check the inputs on every rank and across ranks; returns the resolved :class:`VocabShard`.
 
     ``pairs`` is a list of ``(hidden name, hidden, labels name, labels)``. ``start`` None means
-    "from the ranks' shard sizes in group rank order" (a DTensor ``Shard(0)`` weight).
+    "from the ranks' shard sizes in group rank order" (a DTensor ``Shard(0)`` weight). ``error``:
+    an input error this rank already found; it still joins the all-gather (so the other ranks
+    do not wait forever) and then every rank raises.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("a vocabulary-parallel head needs torch.distributed to be initialised "
@@ -261,8 +263,10 @@ def validate(pairs, weight, bias, start, vocab_size, group, opts, impl):
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    error = None
+    mine = None
     try:
+        if error is not None:
+            raise error
         for hname, hidden, lname, labels in pairs:
             for name, t in ((hname, hidden), (lname, labels)):
                 if not isinstance(t, torch.Tensor):
@@ -271,9 +275,8 @@ def validate(pairs, weight, bias, start, vocab_size, group, opts, impl):
         if start is not None and start + weight.shape[0] > vocab_size:
             raise ValueError(f"the weight shard's rows [{start}, {start + weight.shape[0]}) exceed vocab_size={vocab_size}")
         mine = _meta(pairs, weight, bias, start, vocab_size, opts, impl)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
-        mine = None
     width = len(_COMMON) + len(pairs) * _PAIR_WIDTH
     device = weight.device
     if mine is None:
@@ -489,13 +492,17 @@ def prepare(pairs, weight, bias, *, vocab_start=None, vocab_size=None, group=Non
     """
     hiddens = {hname: h for hname, h, _, _ in pairs}
     local, weight_l, bias_l, dgroup = dtensor_head(hiddens, weight, bias, explicit=explicit)
-    start, total = _resolve(weight, vocab_start, vocab_size, group)
-    group = dgroup if dgroup is not None else group
     pairs = [(hname, local[hname], lname, labels) for hname, _, lname, labels in pairs]
-    first = pairs[0][1]
-    if isinstance(first, torch.Tensor) and isinstance(weight_l, torch.Tensor):
-        impl = _check_impl(impl, first.device, first.dtype)
-    shard = validate(pairs, weight_l, bias_l, start, total, group, opts, impl)
+    start = total = error = None
+    try:
+        start, total = _resolve(weight, vocab_start, vocab_size, group)
+        first = pairs[0][1]
+        if isinstance(first, torch.Tensor):
+            impl = _check_impl(impl, first.device, first.dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    group = dgroup if dgroup is not None else group
+    shard = validate(pairs, weight_l, bias_l, start, total, group, opts, impl, error)
     return pairs, weight_l, bias_l, shard, impl
 
 

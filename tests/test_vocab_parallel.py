@@ -283,6 +283,10 @@ def _check_errors(rank, sizes):
     _raises_everywhere(lambda: call(temperature=1.0 + rank), "temperature differs across ranks")
     _raises_everywhere(lambda: call(impl="reference"), "impl='reference' is not available")
     _raises_everywhere(lambda: call(vocab_start=None), "needs vocab_start")
+    _raises_everywhere(lambda: call(vocab_start=-1 if rank == 0 else start),
+                       "vocab_start must be in" if rank == 0 else "rank(s) [0]")
+    _raises_everywhere(lambda: call(h=hidden.double() if rank == 1 else hidden),
+                       "dtypes must agree" if rank == 1 else "rank(s) [1]")
     # Still usable afterwards: no rank was left inside a collective.
     call()
 
