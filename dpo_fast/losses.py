@@ -358,6 +358,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
                            deterministic=deterministic, vocab_parallel=vocab_parallel)
         # Validate the loss options now rather than at the first step.
         _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau)
+        if not (vocab_parallel in (None, False, True) or isinstance(vocab_parallel, VocabShard)):
+            raise TypeError(f"vocab_parallel must be None, True or a VocabShard, got {type(vocab_parallel).__name__}")
         LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
 
     def forward(self, chosen_hidden, chosen_labels, rejected_hidden, rejected_labels, weight, bias=None,

@@ -45,8 +45,8 @@ in any tensor-parallel model).
 Collectives: validation does one all-gather of a small float64 vector (shard offsets and
 sizes, shapes, options, a fingerprint of labels and hidden states; local input errors are
 gathered too, so a bad input on one rank raises on every rank instead of hanging the
-others); the forward 2 all-reduces (3 with is_top1), the backward 1 (none when no input
-needs grad). The counts depend only on values validated equal across ranks, never on a
+others); the forward 2 all-reduces (3 with is_top1), the backward 1 when the hidden states
+need a gradient (none otherwise). The counts depend only on values validated equal across ranks, never on a
 rank's data, and a batch with no valid token skips them on every rank alike.
 
 DTensor weights: a weight that is a DTensor sharded on dim 0 (``Shard(0)``) over a 1-D

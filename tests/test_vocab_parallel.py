@@ -444,6 +444,33 @@ def test_vocab_parallel_three_ranks():
     _spawn(_three_ranks, 3)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_backends_give_no_label_term_outside_the_shard(impl):
+    """The contract this module relies on: a label outside ``[0, V_local)`` (-1 here) makes the
+    backend's forward return ``-lse`` and its backward drop the one-hot term."""
+    from dpo_fast.ops import _backend
+    from dpo_fast.options import LogprobOptions
+    from dpo_fast.reference import reference_logits
+    from tests._helpers import make_linear_inputs
+
+    h, w, labels, b = (t.detach() for t in make_linear_inputs((9,), 67, 16, torch.float32, bias=True, ignore_frac=0))
+    labels[::2] = -1
+    opts = LogprobOptions(softcap=3.0, logit_scale=1.2)
+    backend = _backend(impl)
+    lp, lse, _ = backend.linear_logprobs_fwd(h, w, labels, b, opts)
+    f64 = [t.double().requires_grad_() for t in (h, w, b)]
+    z = reference_logits(f64[0], f64[1], f64[2], logit_scale=1.2, softcap=3.0)
+    own = labels >= 0
+    picked = torch.where(own, z.gather(-1, labels.clamp(min=0)[:, None])[:, 0], torch.zeros_like(z[:, 0]))
+    truth = picked - torch.logsumexp(z, -1)
+    assert max_err(lp, truth) < 1e-5 and max_err(lse, torch.logsumexp(z, -1)) < 1e-5
+    g = torch.randn(9, generator=torch.Generator().manual_seed(2))
+    grads = backend.linear_logprobs_bwd(g, h, w, labels, b, lse, opts, (True, True, True))
+    exact = torch.autograd.grad((truth * g.double()).sum(), f64)
+    for gf, gt in zip(grads, exact):
+        assert max_err(gf, gt) < 1e-5 * _scale(gt)
+
+
 def test_vocab_shard_validation_without_a_group():
     with pytest.raises(ValueError, match="vocab_start must be in"):
         VocabShard(start=5, vocab_size=4)
