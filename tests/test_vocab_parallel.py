@@ -356,6 +356,8 @@ def _check_hf_tensor_parallel(rank, world, model_dir):
     tp = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32)
     single = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     spec = lm_head_spec(tp)
+    if tp.config.tie_word_embeddings:
+        assert spec.weight is tp.get_input_embeddings().weight
     assert spec.vocab_parallel and not lm_head_spec(single).vocab_parallel
     assert spec.weight.to_local().shape[0] < spec.weight.shape[0]
     check_lm_head_spec(tp)
@@ -393,7 +395,7 @@ def _check_hf_tensor_parallel(rank, world, model_dir):
 # ----------------------------------------------------------------------------------------------
 # The process groups.
 
-def _two_ranks(rank, world, model_dir):
+def _two_ranks(rank, world, model_dirs):
     sizes = [70, 53]
     for dtype in (torch.float32, torch.bfloat16):
         for i, config in enumerate(CONFIGS):
@@ -404,7 +406,8 @@ def _two_ranks(rank, world, model_dir):
     _check_no_full_vocab_tensor(rank, sizes, "torch")
     _check_errors(rank, sizes)
     _check_dtensor(rank, world, sizes, "torch")
-    _check_hf_tensor_parallel(rank, world, model_dir)
+    for model_dir in model_dirs:
+        _check_hf_tensor_parallel(rank, world, model_dir)
     # impl="triton" (the interpreter on CPU): the local kernels with out-of-shard labels.
     _check_against_oracle(rank, [40, 27], torch.float32, "all", "triton", seed=20)
     _check_against_oracle(rank, [40, 27], torch.bfloat16, "plain", "triton", seed=21)
@@ -425,19 +428,23 @@ def _three_ranks(rank, world):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir():
+def tiny_llama_dirs():
+    """A tiny Llama saved twice: untied lm_head, and tied to the (also vocabulary-split) embedding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     with tempfile.TemporaryDirectory() as d:
-        LlamaForCausalLM(config).save_pretrained(d)
-        yield d
+        dirs = []
+        for tied in (False, True):
+            config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+            dirs.append(os.path.join(d, f"tied{int(tied)}"))
+            LlamaForCausalLM(config).save_pretrained(dirs[-1])
+        yield dirs
 
 
-def test_vocab_parallel_two_ranks(tiny_llama_dir):
-    _spawn(_two_ranks, 2, tiny_llama_dir)
+def test_vocab_parallel_two_ranks(tiny_llama_dirs):
+    _spawn(_two_ranks, 2, tiny_llama_dirs)
 
 
 def test_vocab_parallel_three_ranks():
