@@ -70,7 +70,7 @@ import torch.distributed as dist
 
 from .blockwise import _blocks, _tile, _transform
 from .ops import _backend, compact_rows, resolve_impl, scatter_outputs
-from .options import LogprobOptions
+from .options import EXTRA_OUTPUTS, LogprobOptions
 from .reference import compute_dtype
 from .validation import check_float, check_labels, check_same_device, check_same_dtype, is_dtensor
 
@@ -196,34 +196,37 @@ _PAIR_WIDTH = _PAIR_EXACT + 2 + _N_SAMPLES
 
 
 def _label_fingerprint(labels):
+    """An exact int64 checksum of the ids and their positions (as a float64 0-d tensor, < 2**50)."""
     flat = labels.reshape(-1).long()
     idx = torch.arange(flat.numel(), device=flat.device) % 1021 + 1
-    return float(int((((flat % 1000003) + 3) * idx).sum()) % (1 << 50))
+    return ((((flat % 1000003) + 3) * idx).sum() % (1 << 50)).double()
 
 
 def _hidden_fingerprint(hidden):
     """float64 sum, abs-sum and a few sampled values (reductions accumulate in float64 without a copy)."""
     flat = hidden.detach().reshape(-1)
     if flat.numel() == 0:
-        return [0.0, 0.0] + [0.0] * _N_SAMPLES
+        return torch.zeros(2 + _N_SAMPLES, dtype=torch.float64, device=flat.device)
     pos = torch.linspace(0, flat.numel() - 1, _N_SAMPLES, device=flat.device).long()
-    return ([float(flat.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(flat, 1, dtype=torch.float64))]
-            + flat[pos].double().tolist())
+    return torch.cat([flat.sum(dtype=torch.float64)[None],
+                      torch.linalg.vector_norm(flat, 1, dtype=torch.float64)[None], flat[pos].double()])
 
 
 def _meta(pairs, weight, bias, start, vocab_size, opts, impl):
-    """The per-rank description every rank must agree on (float64; ints are exact)."""
-    v_local = weight.shape[0]
-    m = [0.0, float(-1 if start is None else start), float(v_local), float(vocab_size), float(weight.shape[1]),
-         float(bias is not None), float(opts.logit_scale), float(opts.softcap or 0.0), float(opts.temperature),
-         float(opts.ignore_index), float(sum(1 << i for i, n in enumerate(opts.extras))), float(("torch", "triton").index(impl)),
-         float(torch.is_grad_enabled())]
-    m.append(float(sum(1 << i for i, t in enumerate([weight, bias]) if t is not None and t.requires_grad)))
+    """The per-rank description every rank must agree on, as one float64 tensor on the weight's
+    device (ints are exact; built without a host sync)."""
+    f64 = lambda values: torch.tensor(values, dtype=torch.float64, device=weight.device)  # noqa: E731
+    parts = [f64([0.0, -1 if start is None else start, weight.shape[0], vocab_size, weight.shape[1],
+                  bias is not None, opts.logit_scale, opts.softcap or 0.0, opts.temperature, opts.ignore_index,
+                  sum(1 << EXTRA_OUTPUTS.index(n) for n in opts.extras), ("torch", "triton").index(impl),
+                  torch.is_grad_enabled(),
+                  sum(1 << i for i, t in enumerate([weight, bias]) if t is not None and t.requires_grad)])]
     for _, hidden, _, labels in pairs:
         dims = list(labels.shape) + [-1] * (4 - labels.dim())
-        m += [float(d) for d in dims[:4]] + [float(hidden.requires_grad), float((labels != opts.ignore_index).sum())]
-        m += [_label_fingerprint(labels)] + _hidden_fingerprint(hidden)
-    return m
+        parts += [f64(dims + [hidden.requires_grad]),
+                  torch.stack([(labels != opts.ignore_index).sum().double(), _label_fingerprint(labels)]),
+                  _hidden_fingerprint(hidden).to(weight.device)]
+    return torch.cat(parts)
 
 
 _COMMON = ("error flag", "vocab_start", "V_local", "vocab_size", "hidden size", "has bias", "logit_scale", "softcap",
@@ -278,12 +281,11 @@ def validate(pairs, weight, bias, start, vocab_size, group, opts, impl, error=No
     except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
     width = len(_COMMON) + len(pairs) * _PAIR_WIDTH
-    device = weight.device
     if mine is None:
-        mine = [1.0] + [0.0] * (width - 1)
-    buf = torch.tensor(mine, dtype=torch.float64, device=device)
-    gathered = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(gathered, buf, group=group)
+        mine = torch.zeros(width, dtype=torch.float64, device=weight.device)
+        mine[0] = 1.0
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()
     if error is not None:
         raise error

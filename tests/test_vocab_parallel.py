@@ -281,6 +281,8 @@ def _check_errors(rank, sizes):
     _raises_everywhere(lambda: call(h=hidden + rank), "hidden differs across ranks")
     _raises_everywhere(lambda: call(vocab_start=0), "do not tile")
     _raises_everywhere(lambda: call(temperature=1.0 + rank), "temperature differs across ranks")
+    _raises_everywhere(lambda: call(outputs=("log_probs", "is_top1") if rank else ("log_probs", "entropy")),
+                       "outputs differs across ranks")
     _raises_everywhere(lambda: call(impl="reference"), "impl='reference' is not available")
     _raises_everywhere(lambda: call(vocab_start=None), "needs vocab_start")
     _raises_everywhere(lambda: call(vocab_start=-1 if rank == 0 else start),
