@@ -504,6 +504,8 @@ def prepare(pairs, weight, bias, *, vocab_start=None, vocab_size=None, group=Non
     except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
     group = dgroup if dgroup is not None else group
+    if hasattr(group, "get_group"):  # a 1-D DeviceMesh
+        group = group.get_group()
     shard = validate(pairs, weight_l, bias_l, start, total, group, opts, impl, error)
     return pairs, weight_l, bias_l, shard, impl
 
@@ -535,7 +537,8 @@ def vocab_parallel_linear_logprobs(hidden, weight, labels, bias=None, *, vocab_s
             the same on every rank.
         bias: optional ``[V_local]`` bias rows (a DTensor ``Shard(0)`` with a DTensor weight).
         vocab_start: global id of this rank's first weight row. vocab_size: total ``V``.
-        group: the process group the rows are split over (None: the default group).
+        group: the process group (or 1-D DeviceMesh) the rows are split over (None: the
+            default group).
         ignore_index, logit_scale, softcap, temperature, outputs, deterministic: see
             :func:`dpo_fast.linear_logprobs`; every rank must pass the same values.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (``"reference"`` is not available).

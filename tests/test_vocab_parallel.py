@@ -331,6 +331,9 @@ def _check_dtensor(rank, world, sizes_unused, impl):
     h = hidden.clone().requires_grad_()
     out2 = vocab_parallel_linear_logprobs(h, wd, labels, bd, impl=impl, **kw)
     assert max_err(out2["log_probs"], truth["log_probs"]) < 2e-5
+    out3 = vocab_parallel_linear_logprobs(hidden, wd.to_local(), labels, bd.to_local(), group=mesh, vocab_size=v,
+                                          vocab_start=rank * -(-v // world), impl=impl, **kw)  # torch's chunking
+    assert torch.equal(out3["log_probs"], out2["log_probs"])
     _raises_everywhere(lambda: linear_logprobs(hidden, wd, labels, bd, impl=impl), "FSDP2")
     _raises_everywhere(lambda: linear_logprobs(hidden, distribute_tensor(weight, mesh, [Replicate()]), labels),
                        "Shard(0) over a 1-D mesh")
