@@ -348,6 +348,15 @@ def _check_dtensor(rank, world, sizes_unused, impl):
     pr = reference_linear_logprobs(f64[0][1:], f64[1], lr, f64[2]).sum(-1)
     assert abs(loss.loss.item() - reference_dpo_loss(pc, pr, beta=0.1)[0].item()) < 1e-5
     _raises_everywhere(lambda: fused_linear_dpo_loss(hidden[:2], lc, hidden[1:], lr, wd, bd), "FSDP2")
+    # A real FSDP2 head read outside its forward (each rank with its own data): refused, not guessed.
+    from torch.distributed.fsdp import fully_shard
+
+    head = torch.nn.Linear(hidden.shape[-1], v, bias=False)
+    fully_shard(head, mesh=mesh)
+    mine = hidden + rank  # data parallel: different hidden states per rank
+    _raises_everywhere(lambda: linear_logprobs(mine, head.weight, labels), "register_fsdp_forward_method")
+    _raises_everywhere(lambda: FusedLinearDPOLoss()(mine[:2], lc, mine[1:], lr, head.weight), "FSDP2")
+    _raises_everywhere(lambda: vocab_parallel_linear_logprobs(mine, head.weight, labels), "hidden differs across ranks")
 
 
 def _check_hf_tensor_parallel(rank, world, model_dir):
