@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from dpo_fast import fused_linear_dpo_loss, linear_logprobs
 from dpo_fast.options import EXTRA_OUTPUTS
 from dpo_fast.reference import reference_dpo_loss, reference_linear_logprobs
-from dpo_fast.vocab_parallel import VocabShard, vocab_parallel_linear_logprobs
+from dpo_fast.vocab_parallel import VocabParallelLinearLogprobs, VocabShard, vocab_parallel_linear_logprobs
 from tests._helpers import ROUNDING, assert_no_worse_than_naive, max_err
 
 OUTPUTS = ("log_probs",) + EXTRA_OUTPUTS
@@ -185,6 +185,12 @@ def _check_edge_batches(rank, sizes, impl):
     assert all(torch.all(out[k] == 0) for k in OUTPUTS)
     gh, gw = _grads(out["log_probs"], [h, w])
     assert torch.all(gh == 0) and torch.all(gw == 0) and gw.shape == w.shape
+    module = VocabParallelLinearLogprobs(vocab_start=start, vocab_size=sum(sizes), outputs=OUTPUTS, impl=impl,
+                                         softcap=3.0)
+    functional = vocab_parallel_linear_logprobs(hidden, w, labels, vocab_start=start, vocab_size=sum(sizes),
+                                                outputs=OUTPUTS, impl=impl, softcap=3.0)
+    by_module = module(hidden, w, labels)
+    assert all(torch.equal(by_module[k], functional[k]) for k in OUTPUTS)
     owner = max(range(len(sizes)), key=lambda r: sizes[r])
     lo = sum(sizes[:owner])
     _check_against_oracle(rank, sizes, torch.float32, "all", impl, seed=4,
