@@ -260,12 +260,8 @@ def validate(pairs, weight, bias, start, vocab_size, group, opts, impl, error=No
     an input error this rank already found; it still joins the all-gather (so the other ranks
     do not wait forever) and then every rank raises.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("a vocabulary-parallel head needs torch.distributed to be initialised "
-                           "(torch.distributed.init_process_group) on every rank of its group")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = None
     try:
         if error is not None:
@@ -274,12 +270,19 @@ def validate(pairs, weight, bias, start, vocab_size, group, opts, impl, error=No
             for name, t in ((hname, hidden), (lname, labels)):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_local(pairs, weight, bias, vocab_size, opts)
+        check_float("weight", weight, dim=2)
         if start is not None and start + weight.shape[0] > vocab_size:
             raise ValueError(f"the weight shard's rows [{start}, {start + weight.shape[0]}) exceed vocab_size={vocab_size}")
+        _check_local(pairs, weight, bias, vocab_size, opts)
         mine = _meta(pairs, weight, bias, start, vocab_size, opts, impl)
     except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
+    if not (dist.is_available() and dist.is_initialized()):  # no group: nobody to wait for
+        if error is not None:
+            raise error
+        raise RuntimeError("a vocabulary-parallel head needs torch.distributed to be initialised "
+                           "(torch.distributed.init_process_group) on every rank of its group")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     width = len(_COMMON) + len(pairs) * _PAIR_WIDTH
     if mine is None:
         mine = torch.zeros(width, dtype=torch.float64, device=weight.device)
