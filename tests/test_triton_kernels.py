@@ -305,7 +305,7 @@ def test_autotuner_hook_arguments_are_tensors(dtype, monkeypatch):
     argument without a None check (only while tuning several configs, i.e. on a GPU): the
     launchers must pass tensors there in every case, here without bias."""
     seen = []
-    for tuner in (KL._bwd_tuned, KL._grad_hidden_tuned):
+    for tuner in [*KL._bwd_tuned.values(), *KL._grad_hidden_tuned.values()]:
         def run(*args, _orig=tuner.run, _tuner=tuner, **kwargs):
             nargs = dict(zip(_tuner.arg_names, args))
             for name in list(_tuner.reset_to_zero) + list(_tuner.restore_value):
@@ -459,7 +459,9 @@ def test_interpreter_flags_follow_the_environment():
     assert _common.dot_flags(torch.bfloat16)["UPCAST_DOT"] == _common.INTERPRET
     assert not _common.dot_flags(torch.float32)["UPCAST_DOT"]
     if _common.INTERPRET:  # one config under the interpreter, several on a GPU
-        assert len(KL._fwd_tuned.configs) == len(KL._grad_weight_tuned.configs) == len(KG._fwd_tuned.configs) == 1
+        for tuners in (KL._fwd_tuned, KL._bwd_tuned, KL._grad_hidden_tuned, KL._grad_weight_tuned):
+            assert set(tuners) == {"16", "tf32", "ieee"} and all(len(t.configs) == 1 for t in tuners.values())
+        assert len(KG._fwd_tuned.configs) == 1
 
 
 # --- GPU only: headline shapes, compiled ------------------------------------------------
