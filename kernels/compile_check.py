@@ -79,6 +79,7 @@ class Result:
     spills_in_loop: int = 0  # ... inside an innermost main loop
     hgmma: int = 0
     ldgsts: int = 0
+    ldgsts_narrow: int = 0   # asynchronous copies narrower than 16 bytes (misaligned or masked tails)
     ffma_in_loop: int = 0
     needs_mma: bool = False  # a 16-bit or TF32 tl.dot: must become HGMMA
     over_smem: bool = False
@@ -168,6 +169,7 @@ def analyze_sass(sass: str) -> dict:
         "spills_in_loop": sum(len(in_range(lp, is_spill)) for lp in main),
         "hgmma": sum(1 for i in instrs if i[1].startswith("HGMMA")),
         "ldgsts": sum(1 for i in instrs if i[1].startswith("LDGSTS")),
+        "ldgsts_narrow": sum(1 for i in instrs if i[1].startswith("LDGSTS") and ".128" not in i[1]),
         "ffma_in_loop": sum(len(in_range(lp, lambda op: op.startswith("FFMA"))) for lp in main),
     }
 
@@ -398,7 +400,7 @@ def main(argv=None):
         for r in results:
             print(f"{r.kernel:22s} {r.dtype:9s} {r.flags:8s} {r.vocab:7s} {r.config:36s} fixed={int(r.fixed)} "
                   f"regs={r.regs} smem={r.shared // 1024}K local={r.local_bytes} spills={r.spills} "
-                  f"in_loop={r.spills_in_loop} hgmma={r.hgmma} ldgsts={r.ldgsts} {r.error}")
+                  f"in_loop={r.spills_in_loop} hgmma={r.hgmma} ldgsts={r.ldgsts} narrow={r.ldgsts_narrow} {r.error}")
     print(f"triton {triton.__version__}, sm_90, {len(results)} variants, {time.time() - t0:.0f} s")
     print(format_table(results))
     if a.json:

@@ -16,6 +16,13 @@ Forward (``_linear_logprobs_fwd_kernel``, one program per block of BLOCK_N token
   Bytes: W is read once per token block (``ceil(N / BLOCK_N) * V * H * elt``, served
   mostly from L2 when neighbouring programs sweep the same tiles), hidden once per vocab
   tile (from L2/SMEM); writes are O(N).
+  Split vocabulary (:func:`fwd_split`): one program per token block gives only
+  ``ceil(N / BLOCK_N)`` programs (16 at N=2048 with 128-token blocks, against 132 SMs on
+  an H100), so when that is below FWD_WAVES (2) waves the grid becomes (token block,
+  vocabulary slice) pairs; each program writes its slice's partial statistics instead of
+  phase 3, and ``_linear_logprobs_merge_kernel`` folds the slices in a fixed order (same
+  algebra as the tile fold, first maximum wins across slices) and runs phase 3. The split
+  depends only on N, V and the SM count, so results are reproducible for a given device.
 
 Backward, per vocabulary chunk of ``C`` columns (``C`` chosen so that the chunk's gradient
 of the logits fits in ``SCRATCH_BYTES``):
@@ -111,17 +118,22 @@ def _cfg(num_warps=4, num_stages=3, **blocks):
 # within the 227 KiB shared-memory limit and without spills inside the MMA loop; the
 # FIXED_CONFIGS entries compile without any spill (tests/test_gpu_readiness.py checks
 # both, ``python -m dpo_fast.kernels.compile_check --full`` prints the whole table).
+# Measured with triton 3.9 (the sweep): the 128x256 tiles (128 accumulator registers per
+# thread at 8 warps plus same-shaped epilogue temporaries) spill hundreds of words in the
+# epilogue with every flag set and were dropped; 128-token tiles get a 16-warp variant
+# (64 accumulator registers per thread); the first entry of each list (FIXED_CONFIGS) has
+# no spill at all, also with bias, softcap and every extra output.
 _FWD_GPU_CONFIGS = {
     "16": [
-        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
         _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=128, num_warps=4, num_stages=3),
+        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=16, num_stages=4),
+        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
     "tf32": [
-        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=32, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
+        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=16, num_stages=4),
     ],
     "ieee": [
         _cfg(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
@@ -132,14 +144,14 @@ _FWD_GPU_CONFIGS = {
 _BWD_GPU_CONFIGS = {
     "16": [
         _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=16, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
     "tf32": [
-        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=32, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=4),
+        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
+        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=16, num_stages=4),
     ],
     "ieee": [
         _cfg(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
@@ -147,23 +159,33 @@ _BWD_GPU_CONFIGS = {
         _cfg(BLOCK_N=32, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=2),
     ],
 }
-_MATMUL_GPU_CONFIGS = {
+# grad_h's epilogue also reads and writes the split fp32 accumulator (two 16-bit halves):
+# its wide tiles need 16 warps; grad_W's plain epilogue fits 8.
+_GRAD_HIDDEN_GPU_CONFIGS = {
     "16": [
-        _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+        _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=16, num_stages=3),
+        _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=16, num_stages=3),
     ],
     "tf32": [
-        _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
         _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
-        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=4),
+        _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=16, num_stages=3),
     ],
     "ieee": [
         _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
         _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2),
         _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2),
     ],
+}
+_GRAD_WEIGHT_GPU_CONFIGS = {
+    "16": [
+        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+    ],
+    "tf32": _GRAD_HIDDEN_GPU_CONFIGS["tf32"],
+    "ieee": _GRAD_HIDDEN_GPU_CONFIGS["ieee"],
 }
 # Interpreter: few, large blocks (its cost grows with the number of block operations),
 # still small enough that the test shapes (V=507, H=123) cross several tiles and K steps.
@@ -172,10 +194,9 @@ _BWD_INTERPRET_CONFIG = _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64)
 _MATMUL_INTERPRET_CONFIG = _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4)
 
 
-def _fixed(gpu_configs, interpret_config, index=None):
+def _fixed(gpu_configs, interpret_config):
     """The deterministic config per class (the first of each list), or the interpreter's."""
-    return {cls: configs_for(lst if index is None else [lst[index]], interpret_config)[0]
-            for cls, lst in gpu_configs.items()}
+    return {cls: configs_for(lst, interpret_config)[0] for cls, lst in gpu_configs.items()}
 
 
 # The configs used with opts.deterministic=True (never autotuned): per config class, or one
@@ -183,7 +204,7 @@ def _fixed(gpu_configs, interpret_config, index=None):
 FIXED_CONFIGS = {
     "fwd": _fixed(_FWD_GPU_CONFIGS, _FWD_INTERPRET_CONFIG),
     "bwd": _fixed(_BWD_GPU_CONFIGS, _BWD_INTERPRET_CONFIG),
-    "matmul": _fixed(_MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG),
+    "matmul": _fixed(_GRAD_HIDDEN_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG),
 }
 # The split forward's second pass: one token per thread, 128 tokens per program.
 MERGE_CONFIG = _cfg(BLOCK_N=128, num_warps=4, num_stages=1)
@@ -549,9 +570,9 @@ _bwd_tuned = _tuners(_linear_logprobs_bwd_kernel, _BWD_GPU_CONFIGS, _BWD_INTERPR
 # different access patterns. grad_h read-modify-writes C, so tuning must restore it.
 # (triton 3.6's autotuner clones every restore_value argument unconditionally, so c_lo_ptr
 # is always a tensor there: a dummy when the accumulator is not split.)
-_grad_hidden_tuned = _tuners(_grad_matmul_kernel, _MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG,
+_grad_hidden_tuned = _tuners(_grad_matmul_kernel, _GRAD_HIDDEN_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG,
                              key=["M_BUCKET", "N", "K_BUCKET", "accumulate"], restore_value=["c_ptr", "c_lo_ptr"])
-_grad_weight_tuned = _tuners(_grad_matmul_kernel, _MATMUL_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG,
+_grad_weight_tuned = _tuners(_grad_matmul_kernel, _GRAD_WEIGHT_GPU_CONFIGS, _MATMUL_INTERPRET_CONFIG,
                              key=["M_BUCKET", "N", "K_BUCKET"])
 
 
