@@ -81,6 +81,8 @@ class Result:
     ldgsts: int = 0
     ldgsts_narrow: int = 0   # asynchronous copies narrower than 16 bytes (misaligned or masked tails)
     ffma_in_loop: int = 0
+    wide_global_in_loop: int = 0
+    narrow_global_in_loop: int = 0
     needs_mma: bool = False  # a 16-bit or TF32 tl.dot: must become HGMMA
     over_smem: bool = False
     error: str = ""
@@ -171,6 +173,12 @@ def analyze_sass(sass: str) -> dict:
         "ldgsts": sum(1 for i in instrs if i[1].startswith("LDGSTS")),
         "ldgsts_narrow": sum(1 for i in instrs if i[1].startswith("LDGSTS") and ".128" not in i[1]),
         "ffma_in_loop": sum(len(in_range(lp, lambda op: op.startswith("FFMA"))) for lp in main),
+        # 16-byte and narrower global loads/stores inside the main loops (the logits kernels:
+        # with an odd vocabulary the interior tiles must stay 16 bytes wide)
+        "wide_global_in_loop": sum(len(in_range(lp, lambda op: op.startswith(("LDG.", "STG."))
+                                                and ".128" in op)) for lp in main),
+        "narrow_global_in_loop": sum(len(in_range(lp, lambda op: op.startswith(("LDG.", "STG."))
+                                                  and ".128" not in op)) for lp in main),
     }
 
 
@@ -400,7 +408,8 @@ def main(argv=None):
         for r in results:
             print(f"{r.kernel:22s} {r.dtype:9s} {r.flags:8s} {r.vocab:7s} {r.config:36s} fixed={int(r.fixed)} "
                   f"regs={r.regs} smem={r.shared // 1024}K local={r.local_bytes} spills={r.spills} "
-                  f"in_loop={r.spills_in_loop} hgmma={r.hgmma} ldgsts={r.ldgsts} narrow={r.ldgsts_narrow} {r.error}")
+                  f"in_loop={r.spills_in_loop} hgmma={r.hgmma} ldgsts={r.ldgsts} narrow={r.ldgsts_narrow} "
+                  f"wide_ldg_stg_in_loop={r.wide_global_in_loop} {r.error}")
     print(f"triton {triton.__version__}, sm_90, {len(results)} variants, {time.time() - t0:.0f} s")
     print(format_table(results))
     if a.json:
