@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -87,7 +87,6 @@ class Result:
     over_smem: bool = False
     error: str = ""
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _unwrap(kernel):
@@ -110,8 +109,7 @@ def record_launches():
 
     def recorder(tuned, kernel, fixed, grid, deterministic, *args, **constexprs):
         jit, heur = _unwrap(kernel)
-        names = [n for n in jit.arg_names]
-        bound = dict(zip(names, args))
+        bound = dict(zip(jit.arg_names, args))
         bound = {k: (_FakePtr(v) if isinstance(v, torch.Tensor) else v) for k, v in bound.items()}
         cx = dict(constexprs)
         for values in heur:
@@ -182,7 +180,7 @@ def analyze_sass(sass: str) -> dict:
     }
 
 
-def _res_usage(cubin: bytes, name: str) -> dict:
+def _res_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -219,7 +217,7 @@ def compile_one(launch: Launch, cfg) -> dict:
     src = ASTSource(jit, sig, {k: v for k, v in constexprs.items() if k in jit.arg_names}, attrs)
     k = triton.compile(src, target=GPUTarget(*TARGET),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    out = _res_usage(k.asm["cubin"], jit.__name__)
+    out = _res_usage(k.asm["cubin"])
     out.update(analyze_sass(out.pop("sass")))
     out["shared"] = int(k.metadata.shared)
     return out

@@ -148,16 +148,8 @@ _BWD_GPU_CONFIGS = {
         _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
-    "tf32": [
-        _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=32, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=16, num_stages=4),
-    ],
-    "ieee": [
-        _cfg(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
-        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=2),
-        _cfg(BLOCK_N=32, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=2),
-    ],
+    "tf32": _FWD_GPU_CONFIGS["tf32"],
+    "ieee": _FWD_GPU_CONFIGS["ieee"],
 }
 # grad_h's epilogue also reads and writes the split fp32 accumulator (two 16-bit halves):
 # its wide tiles need 16 warps; grad_W's plain epilogue fits 8.

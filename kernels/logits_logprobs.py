@@ -14,7 +14,7 @@ logits dtype: ``N * V * elt`` read and ``N * V * elt`` written, no fp32 ``[N, V]
 Both kernels are memory bound; the GPU configs favour long rows per program (BLOCK_V up
 to 8192) so that each row is streamed with wide, coalesced loads. With an odd vocabulary
 the rows are not 16-byte aligned: the sweep then starts each row at the preceding aligned
-address (ODD, see ``_row_tile``) and only the first and last tile of a row are masked, so
+address (ODD, see ``_load_row_tile``) and only the first and last tile of a row are masked, so
 the interior tiles keep 16-byte loads and stores (checked by tests/test_gpu_readiness.py).
 """
 from __future__ import annotations
@@ -44,9 +44,9 @@ FIXED_CONFIGS = {"fwd": configs_for(_GPU_CONFIGS, _INTERPRET_CONFIG)[0],
 
 
 @triton.jit
-def _row_tile(ptr, row, shift, v_start, arange_v, mask_n, full_rows, V, ALIGN: tl.constexpr, ODD: tl.constexpr):
-    """Pointers, mask and vocab ids of one ``[BLOCK_N, BLOCK_V]`` tile of rows ``row`` (element
-    offsets), and whether the tile is interior (every element in bounds).
+def _load_row_tile(ptr, row, shift, v_start, arange_v, mask_n, full_rows, V, ALIGN: tl.constexpr, ODD: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_V]`` tile of rows ``row`` (element offsets): its values, mask and
+    vocab ids, and whether it is interior (every element in bounds: loaded unmasked).
 
     Odd row strides (an odd vocabulary): row starts are not 16-byte aligned, so loads and
     stores would be split into 2-byte accesses. ``row`` is then rounded down to a multiple of
@@ -63,7 +63,11 @@ def _row_tile(ptr, row, shift, v_start, arange_v, mask_n, full_rows, V, ALIGN: t
         cols = (v_start + arange_v)[None, :].to(tl.int64)
         mask = mask_n[:, None] & (cols < V)
         interior = full_rows & (v_start + arange_v.shape[0] <= V)
-    return ptrs, mask, cols, interior
+    if interior:
+        z = tl.load(ptrs)
+    else:
+        z = tl.load(ptrs, mask=mask, other=0.0)
+    return z, mask, cols, interior
 
 
 @triton.jit
@@ -95,13 +99,9 @@ def _logits_logprobs_fwd_kernel(
     sum_e = tl.zeros((BLOCK_N,), tl.float32)
     label_z = tl.zeros((BLOCK_N,), tl.float32)
     for v_start in range(0, v_end, BLOCK_V):
-        # Phase 1: one read of the tile (unmasked, vectorised, when interior), upcast to fp32.
-        ptrs, mask, cols, interior = _row_tile(logits_ptr, row, shift, v_start, arange_v, mask_n, full_rows, V,
-                                               ALIGN, ODD)
-        if interior:
-            z = tl.load(ptrs)
-        else:
-            z = tl.load(ptrs, mask=mask, other=0.0)
+        # Phase 1: one read of the tile (unmasked and vectorised when interior), upcast to fp32.
+        z, mask, cols, interior = _load_row_tile(logits_ptr, row, shift, v_start, arange_v, mask_n, full_rows, V,
+                                                 ALIGN, ODD)
         z = tl.where(mask, z.to(tl.float32) / temperature, float("-inf"))
         # Phase 2: online log-sum-exp (NaN reaches sum_e through exp even if max drops it)
         # and the label gather (ignored rows match no column).
@@ -135,12 +135,8 @@ def _logits_logprobs_bwd_kernel(
     row, shift = _row_offsets(offs_n, stride_ln, ALIGN, ODD)
     arange_v = tl.arange(0, BLOCK_V)
     for v_start in range(0, v_end, BLOCK_V):
-        ptrs, mask, cols, interior = _row_tile(logits_ptr, row, shift, v_start, arange_v, mask_n, full_rows, V,
-                                               ALIGN, ODD)
-        if interior:
-            z = tl.load(ptrs)
-        else:
-            z = tl.load(ptrs, mask=mask, other=0.0)
+        z, mask, cols, interior = _load_row_tile(logits_ptr, row, shift, v_start, arange_v, mask_n, full_rows, V,
+                                                 ALIGN, ODD)
         probs = tl.exp(z.to(tl.float32) / temperature - lse[:, None])
         onehot = tl.where(cols == labels[:, None], 1.0, 0.0)
         grad = (onehot - probs) * g_over_t[:, None]
