@@ -118,22 +118,24 @@ def _cfg(num_warps=4, num_stages=3, **blocks):
 # within the 227 KiB shared-memory limit and without spills inside the MMA loop; the
 # FIXED_CONFIGS entries compile without any spill (tests/test_gpu_readiness.py checks
 # both, ``python -m dpo_fast.kernels.compile_check --full`` prints the whole table).
-# Measured with triton 3.9 (the sweep): the 128x256 tiles (128 accumulator registers per
-# thread at 8 warps plus same-shaped epilogue temporaries) spill hundreds of words in the
-# epilogue with every flag set and were dropped; 128-token tiles get a 16-warp variant
-# (64 accumulator registers per thread); the first entry of each list (FIXED_CONFIGS) has
-# no spill at all, also with bias, softcap and every extra output.
+# Measured with the compile sweep (triton 3.9 and 3.6): the 128x256 tiles (128
+# accumulator registers per thread at 8 warps plus same-shaped epilogue temporaries) spill
+# hundreds of words in the epilogue with every flag set and were dropped; 128-token tiles
+# get a 16-warp variant (64 accumulator registers per thread). The first entry of each
+# list (FIXED_CONFIGS) has no spill at all with either triton, also with bias, softcap and
+# every extra output (the forward's 64x256 tile is spill-free with 3.9 but spills ~40
+# words in its epilogue with 3.6, hence 64x128 first).
 _FWD_GPU_CONFIGS = {
     "16": [
+        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=16, num_stages=4),
-        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
     "tf32": [
+        _cfg(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=64, BLOCK_V=256, BLOCK_K=32, num_warps=8, num_stages=4),
         _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
-        _cfg(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=16, num_stages=4),
     ],
     "ieee": [
         _cfg(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
