@@ -20,6 +20,7 @@ the storage options). Writing to a cache with a different fingerprint raises
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -35,7 +36,11 @@ import torch
 
 from .data import ID_COLUMNS, PreferenceExample, collate_preference, example_key
 
-CACHE_FORMAT = 1
+# Format 2: each row's CRC is salted with the SHA-256 of the cache's fingerprint, so a row computed
+# under another fingerprint (e.g. replayed from a stale or foreign -wal file) fails its checksum.
+CACHE_FORMAT = 2
+# Files SQLite keeps beside a database: a stale one would be replayed into a new file at the same path.
+SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 STORE_DTYPES = ("float64", "float32")
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -269,10 +274,12 @@ class Entry:
     token_logps: bytes | None = None   # float32: chosen tokens then rejected tokens
     inputs: bytes | None = None        # zlib(int32: lengths then prompt, chosen, rejected ids)
 
-    def crc(self) -> int:
+    def crc(self, salt: bytes = b"") -> int:
+        """CRC32 of the row, salted with ``salt`` (the cache stores rows under its fingerprint's hash)."""
         head = struct.pack("<ddqqq", self.chosen_logps, self.rejected_logps, self.chosen_tokens,
                            self.rejected_tokens, int(self.truncated))
-        return zlib.crc32(self.token_logps or b"", zlib.crc32(self.inputs or b"", zlib.crc32(head, zlib.crc32(self.key))))
+        crc = zlib.crc32(self.key, zlib.crc32(salt))
+        return zlib.crc32(self.token_logps or b"", zlib.crc32(self.inputs or b"", zlib.crc32(head, crc)))
 
     def example(self) -> PreferenceExample | None:
         """The token ids this entry was computed from, when the cache stores them."""
@@ -314,14 +321,16 @@ CREATE TABLE entries (
 """
 
 
-def _row_to_entry(row, path) -> Entry:
+def _row_to_entry(row, path, salt: bytes) -> Entry:
     key, c, r, ct, rt, trunc, tl, inputs, crc = row
     if not isinstance(key, bytes) or not isinstance(c, float) or not isinstance(r, float):
         raise CacheCorruptError(f"{path}: a cache row has the wrong types; the file is corrupted")
     entry = Entry(key, c, r, ct, rt, bool(trunc), tl, inputs)
-    if entry.crc() != crc:
-        raise CacheCorruptError(f"{path}: the entry {key.hex()} fails its checksum; the file is corrupted. "
-                                "Delete it and re-run dpo-fast precompute.")
+    if entry.crc(salt) != crc:
+        raise CacheCorruptError(
+            f"{path}: the entry {key.hex()} fails its checksum: the file is corrupted, or the row was computed "
+            "under another fingerprint (e.g. replayed from a -wal file of another cache). Delete the cache and its "
+            f"{'/'.join(SIDE_SUFFIXES)} files and re-run dpo-fast precompute.")
     return entry
 
 
@@ -350,6 +359,23 @@ def _check_header(path: str):
                                     f"({pages * page_size} bytes) but the file has {size} bytes")
 
 
+@contextlib.contextmanager
+def _creation_lock(path: str):
+    """Exclusive flock on the cache's folder while a new cache file is moved into place, so that
+    the stale-file cleanup can never remove the live -wal of a cache another process just created."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class RefLogpsCache:
     """A reference log-prob cache file. Open with :meth:`open` (read) or :meth:`create_or_open` (write).
 
@@ -364,6 +390,7 @@ class RefLogpsCache:
         self._conn = None
         self._connect()
         self.fingerprint, self.info = self._read_meta()
+        self._salt = bytes.fromhex(fingerprint_hash(self.fingerprint))
         if check in ("quick", "full"):
             self.integrity_check(full=check == "full")
 
@@ -430,7 +457,9 @@ class RefLogpsCache:
         except (KeyError, ValueError) as e:
             raise CacheCorruptError(f"{self.path}: the cache's metadata is damaged ({e!r})") from None
         if fmt != CACHE_FORMAT:
-            raise CacheError(f"{self.path} has cache format {fmt}; this dpo_fast reads format {CACHE_FORMAT}")
+            why = (" (written by an older dpo_fast whose rows are not bound to their fingerprint; delete it and "
+                   "re-run dpo-fast precompute)" if fmt < CACHE_FORMAT else " (written by a newer dpo_fast)")
+            raise CacheError(f"{self.path} has cache format {fmt}; this dpo_fast reads format {CACHE_FORMAT}{why}")
         if fingerprint_hash(fingerprint) != meta.get("fingerprint_sha256"):
             raise CacheCorruptError(f"{self.path}: the stored fingerprint fails its checksum; the file is corrupted")
         return fingerprint, info
@@ -466,6 +495,9 @@ class RefLogpsCache:
         place once its schema and fingerprint are committed, so a crash never leaves a half-made file.
         """
         path = os.fspath(path)
+        if not isinstance(fingerprint, dict) or not {"format", "model_weights", "model_config"} <= set(fingerprint):
+            raise TypeError("fingerprint must be a dict made by build_fingerprint (with format, model_weights, "
+                            f"model_config, ...), got {type(fingerprint).__name__}")
         check_writable(path)
         if not os.path.exists(path):
             tmp = f"{path}.creating-{os.getpid()}"
@@ -487,10 +519,16 @@ class RefLogpsCache:
                 conn.execute("PRAGMA journal_mode=WAL")
             finally:
                 conn.close()
-            if os.path.exists(path):  # somebody else created it meanwhile: use theirs
-                os.remove(tmp)
-            else:
-                os.replace(tmp, path)
+            with _creation_lock(path):
+                if os.path.exists(path):  # somebody else created it meanwhile: use theirs
+                    os.remove(tmp)
+                else:
+                    # No database at path, so any -wal/-shm/-journal beside it is stale (a killed run of
+                    # a removed cache): SQLite would replay it into the new file. Remove it first.
+                    for suffix in SIDE_SUFFIXES:
+                        if os.path.lexists(path + suffix):
+                            os.remove(path + suffix)
+                    os.replace(tmp, path)
             for suffix in ("-wal", "-shm"):
                 if os.path.exists(tmp + suffix):
                     os.remove(tmp + suffix)
@@ -559,7 +597,7 @@ class RefLogpsCache:
             conn.executemany(
                 f"INSERT OR IGNORE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(e.key, float(e.chosen_logps), float(e.rejected_logps), int(e.chosen_tokens), int(e.rejected_tokens),
-                  int(e.truncated), e.token_logps, e.inputs, e.crc()) for e in entries])
+                  int(e.truncated), e.token_logps, e.inputs, e.crc(self._salt)) for e in entries])
             added = conn.total_changes - before
             conn.execute("COMMIT")
         except BaseException:
@@ -574,14 +612,10 @@ class RefLogpsCache:
         return int(self._query("SELECT COUNT(*) FROM entries")[0][0])
 
     def present(self, keys: Iterable[bytes]) -> set[bytes]:
-        """The subset of ``keys`` stored in the cache."""
+        """The subset of ``keys`` stored in the cache. Every row found is checksum-verified (a row
+        of another fingerprint raises :class:`CacheCorruptError`), so nothing foreign counts as cached."""
         keys = list(keys)
-        found = set()
-        for i in range(0, len(keys), _MAX_SQL_PARAMS):
-            chunk = keys[i:i + _MAX_SQL_PARAMS]
-            rows = self._query(f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-            found.update(r[0] for r in rows)
-        return found
+        return {k for k, e in zip(keys, self.get(keys)) if e is not None}
 
     def get(self, keys: Sequence[bytes]) -> list[Entry | None]:
         """Entries for ``keys`` in order (None where absent); checksums verified."""
@@ -591,7 +625,7 @@ class RefLogpsCache:
             chunk = list(dict.fromkeys(keys[i:i + _MAX_SQL_PARAMS]))
             rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE key IN ({','.join('?' * len(chunk))})", chunk)
             for row in rows:
-                entry = _row_to_entry(row, self.path)
+                entry = _row_to_entry(row, self.path, self._salt)
                 by_key[entry.key] = entry
         return [by_key.get(k) for k in keys]
 
@@ -603,7 +637,7 @@ class RefLogpsCache:
             if not rows:
                 return
             for row in rows:
-                yield _row_to_entry(row, self.path)
+                yield _row_to_entry(row, self.path, self._salt)
             last = rows[-1][0]
 
     def sample(self, n: int, seed: int = 0) -> list[Entry]:
@@ -697,11 +731,11 @@ def shard_path(path: str, rank: int, world: int) -> str:
 
 
 def shard_paths(path: str) -> list[str]:
-    return sorted(p for p in glob.glob(glob.escape(path) + ".shard-*") if not p.endswith(("-wal", "-shm")))
+    return sorted(p for p in glob.glob(glob.escape(path) + ".shard-*") if not p.endswith(SIDE_SUFFIXES))
 
 
 def remove_cache_files(path: str):
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("",) + SIDE_SUFFIXES:
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
 
@@ -758,14 +792,15 @@ class RefLogpsCollator:
 
 
 def dataset_with_ref_logps(dataset, cache, *, max_length=..., truncation_mode=None, ld_alpha=..., model=None,
-                           tokenizer=None):
+                           tokenizer=None, temperature=1.0):
     """Add columns ``ref_chosen_logps``/``ref_rejected_logps`` to a tokenised dataset from the cache.
 
     This is what TRL's DPOTrainer reads when ``precompute_ref_log_probs=True``: a ``datasets.Dataset``
     with ``prompt_ids``/``chosen_ids``/``rejected_ids`` (TRL's tokenised train dataset) gets the two
     float columns; a list of dicts gets them per dict (new dicts). Before anything is read, the
     cache is checked against what the trainer will use (``max_length``, ``truncation_mode``,
-    ``ld_alpha`` from ``DPOConfig``, and ``model`` folder / ``tokenizer`` when given) so stale
+    ``ld_alpha`` from ``DPOConfig``, ``temperature`` (1.0: TRL's DPOTrainer scores untempered
+    logits; None skips the check), and ``model`` folder / ``tokenizer`` when given) so stale
     numbers cannot be used: :class:`StaleCacheError` names the differing fields.
 
     ``cache`` is a :class:`RefLogpsCache` or a path. To make TRL's DPOTrainer read the cache
@@ -780,7 +815,7 @@ def dataset_with_ref_logps(dataset, cache, *, max_length=..., truncation_mode=No
     if not isinstance(cache, RefLogpsCache):
         cache = RefLogpsCache.open(cache)
     cache.check(model=model, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                ld_alpha=ld_alpha)
+                ld_alpha=ld_alpha, temperature=temperature)
     if isinstance(dataset, (list, tuple)):
         found = cache.lookup(dataset, dtype=torch.float64)
         return [dict(row, ref_chosen_logps=float(c), ref_rejected_logps=float(r))
@@ -789,6 +824,7 @@ def dataset_with_ref_logps(dataset, cache, *, max_length=..., truncation_mode=No
     if columns is None or not all(c in columns for c in ID_COLUMNS):
         raise ValueError(f"dataset must be tokenised with columns {list(ID_COLUMNS)} (TRL's processed dataset); "
                          f"got columns {columns}")
+    _check_all_present(dataset, cache)
     path = cache.path
 
     def add(batch):
@@ -798,6 +834,25 @@ def dataset_with_ref_logps(dataset, cache, *, max_length=..., truncation_mode=No
                 "ref_rejected_logps": found["ref_rejected_logps"].tolist()}
 
     return dataset.map(add, batched=True, batch_size=1000, desc="Reading reference log-probs from the dpo_fast cache")
+
+
+def _check_all_present(dataset, cache: RefLogpsCache, chunk: int = 1000):
+    """``KeyError`` with the true count of rows of a ``datasets.Dataset`` missing from the cache,
+    counted over the whole dataset before any column is written."""
+    missing, first, total = 0, None, len(dataset)
+    for start in range(0, total, chunk):
+        rows = dataset[start:start + chunk]
+        keys = [example_key(_ids(p), _ids(c), _ids(r))
+                for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])]
+        found = cache.present(keys)
+        for i, k in enumerate(keys):
+            if k not in found:
+                missing += 1
+                first = start + i if first is None else first
+    if missing:
+        raise KeyError(f"{missing} of {total} examples are not in the cache {cache.path} (e.g. row {first}): run "
+                       "dpo-fast precompute on this dataset, and check that it is tokenised the same way (same "
+                       "tokenizer, chat template and columns)")
 
 
 def format_info(cache: RefLogpsCache) -> str:

@@ -14,30 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .ops import compact_rows, fused_rows_logprobs, resolve_impl
-from .options import LogprobOptions
+from .ops import IMPLS, compact_rows, fused_rows_logprobs, resolve_impl
+from .options import LOSS_TYPES, LogprobOptions, check_loss_options  # noqa: F401 (LOSS_TYPES re-exported)
 from .validation import check_float, check_linear_inputs, check_same_device
-
-# loss type -> (needs completion lengths, label_smoothing range as (low, high, low_open, high_open) or None)
-LOSS_TYPES = {
-    "sigmoid": (False, (0.0, 0.5, False, False)),
-    "hinge": (False, None),
-    "ipo": (True, None),
-    "exo_pair": (False, (0.0, 1.0, True, True)),
-    "nca_pair": (False, None),
-    "robust": (False, (0.0, 0.5, False, True)),
-    "bco_pair": (False, None),
-    "sppo_hard": (False, None),
-    "aot": (False, (0.0, 0.5, False, False)),
-    "aot_unpaired": (False, (0.0, 0.5, False, False)),
-    "apo_zero": (False, None),
-    "apo_down": (False, None),
-    "discopop": (False, None),
-    "sft": (True, None),
-    "sigmoid_norm": (True, None),
-    "simpo": (True, (0.0, 0.5, False, False)),
-}
-
 
 @dataclass
 class DPOOutput:
@@ -65,34 +44,9 @@ class DPOOutput:
     rejected_lengths: torch.Tensor | None = None
 
 
-def _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau):
-    """Validate the loss options; return ``(loss type names, one float weight per name)``."""
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not types:
-        raise ValueError("loss_type must name at least one loss type")
-    for kind in types:
-        if kind not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {kind!r}; expected one of {sorted(LOSS_TYPES)}")
-        rng = LOSS_TYPES[kind][1]
-        if rng is None:
-            continue
-        low, high, low_open, high_open = rng
-        eps = label_smoothing
-        if (eps < low or eps > high or (low_open and eps == low) or (high_open and eps == high)):
-            raise ValueError(
-                f"label_smoothing must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'} "
-                f"for loss_type {kind!r}, got {eps}"
-            )
-    if "simpo" in types and len(types) > 1:
-        raise ValueError("loss_type 'simpo' is reference-free and cannot be combined with other loss types")
-    if len(weights) != len(types):
-        raise ValueError(f"loss_weights must have one weight per loss type ({len(types)}), got {len(weights)}")
-    if "discopop" in types and (not math.isfinite(discopop_tau) or discopop_tau <= 0):
-        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
-    return types, weights
+def _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma=0.5):
+    """The loss-option check under its former name: :func:`dpo_fast.options.check_loss_options`."""
+    return check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau)
 
 
 def _smoothed_logistic(x, eps):
@@ -156,6 +110,16 @@ def _check_pair_tensor(name, t, batch, device):
         raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
+def check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device):
+    """Both reference tensors or neither; each a floating ``[batch]`` tensor on ``device``."""
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if t is not None:
+            check_float(name, t)
+            _check_pair_tensor(name, t, batch, device)
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
              beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, chosen_lengths=None,
              rejected_lengths=None, simpo_gamma=0.5, discopop_tau=0.05) -> DPOOutput:
@@ -179,21 +143,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
     Returns:
         :class:`DPOOutput`.
     """
-    types, weights = _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau)
+    types, weights = check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau,
+                                        has_reference=ref_chosen_logps is not None or ref_rejected_logps is not None)
     check_float("policy_chosen_logps", policy_chosen_logps, dim=1)
     batch, device = policy_chosen_logps.shape[0], policy_chosen_logps.device
     if batch == 0:
         raise ValueError("policy_chosen_logps must hold at least one pair, got shape (0,)")
     check_float("policy_rejected_logps", policy_rejected_logps)
     _check_pair_tensor("policy_rejected_logps", policy_rejected_logps, batch, device)
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
-    if "simpo" in types and ref_chosen_logps is not None:
-        raise ValueError("loss_type 'simpo' is reference-free: pass ref_chosen_logps=None and ref_rejected_logps=None")
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if t is not None:
-            check_float(name, t)
-            _check_pair_tensor(name, t, batch, device)
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, device)
     needs_lengths = [k for k in types if LOSS_TYPES[k][0]]
     lengths = []
     for name, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
@@ -279,6 +237,10 @@ def fused_linear_dpo_loss(chosen_hidden, chosen_labels, rejected_hidden, rejecte
             :func:`dpo_fast.linear_logprobs`.
     Every sequence must have at least one completion token (else a ValueError names it).
     """
+    check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau,
+                       has_reference=ref_chosen_logps is not None or ref_rejected_logps is not None)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     opts = LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                           temperature=temperature, deterministic=deterministic)
     check_linear_inputs(chosen_hidden, weight, chosen_labels, bias, ignore_index,
@@ -295,6 +257,7 @@ def fused_linear_dpo_loss(chosen_hidden, chosen_labels, rejected_hidden, rejecte
         )
     check_same_device(chosen_hidden=chosen_hidden, rejected_hidden=rejected_hidden)
     batch = chosen_hidden.shape[0]
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, batch, chosen_hidden.device)
     len_c = _sequence_rows(chosen_labels, ignore_index, "chosen")
     len_r = _sequence_rows(rejected_labels, ignore_index, "rejected")
     impl = resolve_impl(impl, chosen_hidden.device, chosen_hidden.dtype)
@@ -331,9 +294,12 @@ class FusedLinearDPOLoss(torch.nn.Module):
                            simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, ignore_index=ignore_index,
                            logit_scale=logit_scale, softcap=softcap, temperature=temperature, impl=impl,
                            deterministic=deterministic)
-        # Validate the loss options now rather than at the first step.
-        _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau)
-        LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+        # Validate the options now rather than at the first step (forward validates again, before any work).
+        check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau)
+        LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
+                       deterministic=deterministic)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
     def forward(self, chosen_hidden, chosen_labels, rejected_hidden, rejected_labels, weight, bias=None,
                 ref_chosen_logps=None, ref_rejected_logps=None) -> DPOOutput:

@@ -212,6 +212,8 @@ def sequence_logps(token_logps, mask, *, average=False):
             no completion token raises (its mean is undefined); its sum is 0.
     """
     check_float("token_logps", token_logps, min_dim=1)
+    if not isinstance(average, bool):
+        raise TypeError(f"average must be a bool, got {type(average).__name__}")
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(token_logps.shape):
         raise ValueError(f"mask must be a tensor of shape {tuple(token_logps.shape)}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
@@ -234,6 +236,8 @@ class LinearLogprobs(torch.nn.Module):
         super().__init__()
         self.opts = LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                                    temperature=temperature, outputs=outputs, deterministic=deterministic)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
 
     def forward(self, hidden, weight, labels, bias=None):

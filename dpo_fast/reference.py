@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import LogprobOptions
+from .options import LogprobOptions, check_loss_options
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,18 +100,19 @@ def reference_dpo_loss(
 
     ``loss`` is ``sum_k w_k * mean(loss_k)`` over the listed loss types. Rewards are
     ``beta * (logp - ref_logp)`` (``beta * avg logp`` for simpo), detached.
-    No validation: the library validates; the oracle only computes.
+    The options are validated by the library's one check (:func:`dpo_fast.options.check_loss_options`,
+    the same as every other impl), so a bad option cannot be silently dropped or truncated here.
     """
+    types, weights = check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau,
+                                        has_reference=ref_chosen_logps is not None or ref_rejected_logps is not None)
     pc, pr = policy_chosen_logps, policy_rejected_logps
     rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
     rr = torch.zeros_like(pr) if ref_rejected_logps is None else ref_rejected_logps
     eps = label_smoothing
     lr_c, lr_r = pc - rc, pr - rr
     delta = lr_c - lr_r
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     total = 0.0
-    for kind, w in zip(types, weights):
+    for kind, w in zip(types, weights, strict=True):
         if kind == "sigmoid":
             losses = -(1 - eps) * _logsig(beta * delta) - eps * _logsig(-beta * delta)
         elif kind == "hinge":

@@ -74,20 +74,7 @@ class TrainerConfig:
     disable_dropout: bool = True
 
     def __post_init__(self):
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        for t in types:
-            if t not in LOSS_TYPES:
-                raise ValueError(f"loss_type {t!r} is not one of {sorted(LOSS_TYPES)}")
-        for name in ("batch_size", "grad_accum_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("learning_rate", "beta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        check_trainer_config(self)
 
     @property
     def loss_types(self) -> list[str]:
@@ -96,6 +83,40 @@ class TrainerConfig:
     @property
     def reference_free(self) -> bool:
         return self.loss_types == ["simpo"]
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+
+
+def check_trainer_config(c: TrainerConfig):
+    """Reject every invalid :class:`TrainerConfig` field with an error naming it (run by ``__post_init__``)."""
+    from .data import TRUNCATION_MODES
+    from .options import check_loss_options, check_real
+
+    check_loss_options(c.loss_type, c.loss_weights, c.beta, c.label_smoothing, c.simpo_gamma, c.discopop_tau)
+    if not isinstance(c.impl, str) or c.impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {c.impl!r}")
+    check_real("learning_rate", c.learning_rate, low=0.0, low_open=True)
+    check_real("weight_decay", c.weight_decay, low=0.0)
+    check_real("adam_eps", c.adam_eps, low=0.0, low_open=True)
+    if not isinstance(c.adam_betas, (tuple, list)) or len(c.adam_betas) != 2:
+        raise ValueError(f"adam_betas must be a pair (beta1, beta2), got {c.adam_betas!r}")
+    for i, b in enumerate(c.adam_betas):
+        check_real(f"adam_betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+    _check_int("batch_size", c.batch_size, 1)
+    _check_int("grad_accum_steps", c.grad_accum_steps, 1)
+    if c.max_grad_norm is not None:  # <= 0 would flip or zero the update; NaN would poison it
+        check_real("max_grad_norm", c.max_grad_norm, low=0.0, low_open=True)
+    if c.max_length is not None:
+        _check_int("max_length", c.max_length, 2)
+    if c.truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {c.truncation_mode!r}")
+    _check_int("seed", c.seed, 0)
+    for name in ("shuffle", "disable_dropout"):
+        if not isinstance(getattr(c, name), bool):
+            raise TypeError(f"{name} must be a bool, got {type(getattr(c, name)).__name__} {getattr(c, name)!r}")
 
 
 @dataclass
@@ -200,17 +221,26 @@ class ReferenceTable:
         return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
-def open_reference_cache(cache, examples, *, max_length, truncation_mode):
+def open_reference_cache(cache, examples, *, max_length, truncation_mode, model=None):
     """Open a dpo_fast cache (path or :class:`~dpo_fast.cache.RefLogpsCache`) for these examples.
 
-    Checks that it was computed with the same truncation (else ``StaleCacheError``) and holds
-    every example (else ``KeyError`` with the count), before any training step.
+    Checks every fingerprint field the trainer knows (else ``StaleCacheError`` naming them):
+    truncation (``max_length``, ``truncation_mode``), plain sums (``ld_alpha=None``),
+    ``temperature=1.0`` (the trainer's log-probs are untempered) and, given ``model``, the
+    logit scale and softcap of its lm_head; and that it holds every example (else ``KeyError``
+    with the count), before any training step.
     """
     from .cache import RefLogpsCache
 
     if not isinstance(cache, RefLogpsCache):
         cache = RefLogpsCache.open(cache)
-    cache.check(max_length=max_length, truncation_mode=truncation_mode, ld_alpha=None)
+    head = {}
+    if model is not None:
+        from .integrations.hf import lm_head_spec
+
+        spec = lm_head_spec(model)
+        head = dict(logit_scale=float(spec.logit_scale), softcap=None if spec.softcap is None else float(spec.softcap))
+    cache.check(max_length=max_length, truncation_mode=truncation_mode, ld_alpha=None, temperature=1.0, **head)
     keys = [ex.key for ex in examples]
     present = cache.present(keys)
     missing = [i for i, k in enumerate(keys) if k not in present]
@@ -238,6 +268,8 @@ class StandardTrainer:
 
     def __init__(self, model, examples, config: TrainerConfig | None = None, *, tokenizer=None, ref_cache=None,
                  ref_model=None, pad_token_id=None):
+        if config is not None and not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig (or None), got {type(config).__name__}")
         self.config = config = config or TrainerConfig()
         self.model = model
         if ref_cache is not None and ref_model is not None:
@@ -255,9 +287,11 @@ class StandardTrainer:
             if pad_token_id is None:
                 raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token")
         self.pad_token_id = int(pad_token_id)
-        from .integrations.hf import lm_head_spec
+        from .integrations.hf import check_lm_head_once, lm_head_spec
 
         lm_head_spec(model)  # a model without an output embedding fails here, naming the problem
+        if config.impl != "reference":  # the fused path rebuilds the logits from the lm_head: check it can
+            check_lm_head_once(model)
         if config.disable_dropout:
             disable_dropout(model)
         self.device = model_device(model)
@@ -273,7 +307,7 @@ class StandardTrainer:
                 self.ref_table = ref_cache
             else:
                 self.ref_table = open_reference_cache(ref_cache, self.examples, max_length=config.max_length,
-                                                      truncation_mode=config.truncation_mode)
+                                                      truncation_mode=config.truncation_mode, model=model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.adam_betas),
                                            eps=config.adam_eps, weight_decay=config.weight_decay)

@@ -17,6 +17,13 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests (e.g. the full architecture sweep) run only when asked for: `-m slow` or
+    # DPO_FAST_RUN_SLOW=1; CI runs their faster variants.
+    if "slow" not in (config.getoption("-m") or "") and os.environ.get("DPO_FAST_RUN_SLOW") != "1":
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow or DPO_FAST_RUN_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; none is available on this machine")

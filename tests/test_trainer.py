@@ -211,7 +211,7 @@ def test_sequence_with_nothing_to_score_is_an_error(tokenizer):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(impl="fast"), "impl must be one of"),
-    (dict(loss_type="dpo"), "loss_type 'dpo' is not one of"),
+    (dict(loss_type="dpo"), "unknown loss_type 'dpo'"),
     (dict(batch_size=0), "batch_size must be an int >= 1"),
     (dict(grad_accum_steps=1.5), "grad_accum_steps must be an int >= 1"),
     (dict(learning_rate=-1.0), "learning_rate must be a finite number > 0"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import linear_logprobs
+from ..ops import IMPLS, linear_logprobs
 from ..options import LogprobOptions
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "completion_logps",
     "sequence_logps_from_model",
     "check_lm_head_spec",
+    "check_lm_head_once",
 ]
 
 
@@ -120,7 +121,9 @@ def lm_head_spec(model) -> LMHeadSpec:
     fields that transform the logits in the model's forward:
     ``final_logit_softcapping`` / ``logits_soft_cap`` (tanh softcap), ``logit_scale``
     (multiplies, Cohere), ``logits_scaling`` (divides, Granite; multiplies for HyperCLOVA X),
-    ``lm_head_multiplier`` (multiplies, Falcon-H1). Works through PEFT wrappers and tied
+    ``lm_head_multiplier`` (multiplies, Falcon-H1), ``output_multiplier`` (multiplies, MuseSpark
+    and MuseGlimmer). A transform not listed here is caught by :func:`check_lm_head_spec`, which
+    the trainers run once per model (:func:`check_lm_head_once`). Works through PEFT wrappers and tied
     embeddings (the weight is the shared parameter). Raises ``ValueError`` for a model without
     an output embedding.
     """
@@ -144,6 +147,9 @@ def logit_transform(config, *, has_bias: bool = False) -> tuple[float, float | N
     value = getattr(config, "lm_head_multiplier", None)
     if value is not None:
         scale *= _number("lm_head_multiplier", value)
+    value = getattr(config, "output_multiplier", None)
+    if value is not None:  # MuseSpark / MuseGlimmer: multiplies the logits before the softcap
+        scale *= _number("output_multiplier", value)
     value = getattr(config, "logits_mup_width_multiplier", None)
     if value is not None:
         if has_bias:
@@ -162,6 +168,12 @@ def resolve_backbone(model):
     (``model.get_base_model().base_model`` under PEFT)."""
     inner = _unwrap_peft(model)
     backbone = getattr(inner, "base_model", None)
+    if backbone is inner:  # e.g. Llama4ForCausalLM, MllamaForCausalLM: base_model_prefix names no submodule
+        get_decoder = getattr(inner, "get_decoder", None)
+        for decoder in (get_decoder() if callable(get_decoder) else None, getattr(inner, "model", None)):
+            if isinstance(decoder, torch.nn.Module) and decoder is not inner:
+                backbone = decoder
+                break
     if backbone is None or backbone is inner:
         raise ValueError(
             f"cannot find the backbone of {type(inner).__name__}: model.base_model is "
@@ -249,6 +261,8 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
         outputs are requested. Gradients flow into the model.
     """
     LogprobOptions(temperature=temperature, outputs=outputs)  # validate before any compute
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check_batch(input_ids, attention_mask, completion_mask)
     spec = lm_head_spec(model)
     labels = torch.full_like(input_ids, -100, dtype=torch.long)
@@ -301,6 +315,11 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.double()
         hidden = backbone_hidden_states(model, input_ids, attention_mask)
+        if hidden.shape[-1] != spec.weight.shape[1]:
+            raise ValueError(
+                f"{type(model).__name__} (model_type={_model_type(model)!r}): the backbone's hidden states have width "
+                f"{hidden.shape[-1]} but the lm_head takes {spec.weight.shape[1]}: the model transforms the hidden "
+                "states before its lm_head (a prediction-head transform); dpo_fast does not support this architecture")
         hidden, weight, bias = _head_operands(hidden, spec)
         s = hidden @ weight.T
         if bias is not None:
@@ -319,10 +338,30 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
     diff = (z - logits).abs()
     worst = float(diff.max()) if diff.numel() else 0.0
     if bool((diff > atol + rtol * logits.abs()).any()):
-        model_type = getattr(_text_config(_unwrap_peft(model)), "model_type", "?")
         raise ValueError(
-            f"{type(model).__name__} (model_type={model_type!r}) computes its logits differently from "
+            f"{type(model).__name__} (model_type={_model_type(model)!r}) computes its logits differently from "
             f"lm_head(hidden) * {spec.logit_scale} with softcap={spec.softcap} (max |difference| {worst:.3g}); "
             "dpo_fast does not support this architecture's logit transform"
         )
     return worst
+
+
+def _model_type(model) -> str:
+    return str(getattr(_text_config(_unwrap_peft(model)), "model_type", "?"))
+
+
+def check_lm_head_once(model) -> None:
+    """Run :func:`check_lm_head_spec` the first time a trainer or the TRL integration sees ``model``.
+
+    An architecture whose logit transform dpo_fast does not reproduce is then an error naming
+    its model type before any training, not silently wrong log-probs. The result is remembered
+    on the model object (one short forward per model; a failure is raised again on every call).
+    """
+    inner = _unwrap_peft(model)
+    if getattr(inner, "_dpo_fast_head_checked", False):
+        return
+    check_lm_head_spec(model)
+    try:
+        object.__setattr__(inner, "_dpo_fast_head_checked", True)
+    except (AttributeError, TypeError):  # pragma: no cover - a model that refuses attributes is re-checked
+        pass

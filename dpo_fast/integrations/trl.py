@@ -71,7 +71,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
 
 from ..ops import linear_logprobs  # noqa: E402
-from .hf import lm_head_spec  # noqa: E402
+from .hf import check_lm_head_once, lm_head_spec  # noqa: E402
 
 _TRL_ADD_FUSED_LM_HEAD = _dpo_module.add_fused_lm_head
 
@@ -119,12 +119,19 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             "log_sum_sq_probs", "mean_logits", "is_top1")``; the others are None.
         impl: dpo_fast implementation (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``).
     """
+    from ..ops import IMPLS
+    from ..options import LogprobOptions
+
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    LogprobOptions(temperature=temperature)  # a bad temperature fails now, not at the first step
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
     unknown = [o for o in outputs if o not in _TRL_OUTPUTS]
     if unknown:
         raise ValueError(f"outputs has unknown names {unknown}; expected a subset of {_TRL_OUTPUTS}")
     requested = ("log_probs",) + tuple(o for o in _TRL_OUTPUTS[1:] if o in outputs)
     lm_head_spec(model)  # fail now, not at the first step, for a model without an output embedding
+    _check_head_once(model)
     original_forward = model.forward
     text_config = model.config.get_text_config()
 
@@ -176,6 +183,15 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
     model.forward = types.MethodType(fused_forward, model)
     model._dpo_fast_fused_head = impl
+
+
+def _check_head_once(model):
+    """``check_lm_head_once`` unless the head is sharded (ZeRO-3 / FSDP2: a lone forward would need
+    collectives every rank issues); the fused forward refuses a partitioned head on its own."""
+    weight = lm_head_spec(model).weight
+    if weight.numel() == 0 or hasattr(weight, "full_tensor"):
+        return
+    check_lm_head_once(model)
 
 
 @contextlib.contextmanager
@@ -235,6 +251,11 @@ class FusedDPOTrainer(DPOTrainer):
 
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if args is not None:  # the loss options, with the same check as every dpo_fast loss, before any work
+            from ..options import check_loss_options
+
+            check_loss_options(args.loss_type, args.loss_weights, args.beta, args.label_smoothing,
+                               discopop_tau=args.discopop_tau)
         self._dpo_fast_cache = None
         self._dpo_fast_model_dir = None
         if ref_logps_cache is not None:
@@ -249,8 +270,10 @@ class FusedDPOTrainer(DPOTrainer):
             if args.sync_ref_model:
                 raise ValueError("ref_logps_cache holds a fixed reference; it cannot be used with sync_ref_model=True")
             cache = ref_logps_cache if isinstance(ref_logps_cache, RefLogpsCache) else RefLogpsCache.open(ref_logps_cache)
-            # Fail before any dataset work if the cache was made for another truncation or LD-DPO weighting.
-            cache.check(max_length=args.max_length, truncation_mode=args.truncation_mode, ld_alpha=args.ld_alpha)
+            # Fail before any dataset work if the cache was made for another truncation, LD-DPO weighting or
+            # temperature (TRL's DPOTrainer scores with untempered logits: add_fused_lm_head's temperature=1).
+            cache.check(max_length=args.max_length, truncation_mode=args.truncation_mode, ld_alpha=args.ld_alpha,
+                        temperature=1.0)
             self._dpo_fast_cache = cache
             if isinstance(model, str) and os.path.isdir(model):
                 self._dpo_fast_model_dir = model  # the cache must come from these weights
@@ -263,6 +286,9 @@ class FusedDPOTrainer(DPOTrainer):
             return super()._precompute_ref_logps(dataset, name, batch_size)
         from ..cache import dataset_with_ref_logps
 
+        spec = lm_head_spec(self.model)
+        self._dpo_fast_cache.check(logit_scale=float(spec.logit_scale),  # the head transform the cache was made with
+                                   softcap=None if spec.softcap is None else float(spec.softcap))
         return dataset_with_ref_logps(dataset, self._dpo_fast_cache, max_length=self.args.max_length,
                                       truncation_mode=self.args.truncation_mode, ld_alpha=self.args.ld_alpha,
                                       model=self._dpo_fast_model_dir)
