@@ -1,11 +1,13 @@
 """GPU readiness checked without a GPU: what the compiler produces for sm_90 (H100).
 
 ``dpo_fast.kernels.compile_check`` runs the real launchers on meta tensors of a headline
-shape (N=2048 tokens, H=4096, vocabularies 128256 and 50257), records every kernel launch
+shape (N=2048 tokens, H=4096, vocabularies 128256 and 50257; and N=512 with 50257, where
+the backward's scratch is one odd-width chunk), records every kernel launch
 and compiles it for ``GPUTarget("cuda", 90, 32)`` with the installed triton (ptxas ships in
 the wheel). The CI sample covers every kernel x dtype class (bf16, fp16, fp32 IEEE, fp32
 TF32) x flag family (plain, all flags) x aligned/odd vocabulary with the deterministic
-config, plus every autotune candidate of the heaviest family (bf16, all flags, odd V).
+config (the one-chunk odd case: plain flags, bf16/fp32/TF32), plus every autotune candidate
+of the heaviest family (bf16, all flags, odd V).
 It runs in a subprocess: the compile must not see ``TRITON_INTERPRET`` (set for this test
 session by tests/conftest.py), and it caches into a temporary directory, never the repo.
 ``python -m dpo_fast.kernels.compile_check --full`` (or the ``slow`` test below) compiles
@@ -42,7 +44,7 @@ def _check(results):
     assert kernels == {"linear_logprobs_fwd", "linear_logprobs_merge", "linear_logprobs_bwd", "grad_matmul",
                        "logits_logprobs_fwd", "logits_logprobs_bwd"}, kernels
     assert {r["dtype"] for r in results} == {"bf16", "fp16", "fp32", "fp32-tf32"}
-    assert {r["vocab"] for r in results} == {"aligned", "odd"}
+    assert {r["vocab"] for r in results} == {"aligned", "odd", "odd-1chunk"}
 
     def where(r):
         return f"{r['kernel']} {r['dtype']} {r['flags']} {r['vocab']} {r['config']}"
