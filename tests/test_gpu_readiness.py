@@ -72,6 +72,11 @@ def _check(results):
     narrow = [where(r) for r in results if r["kernel"].startswith(("linear", "grad")) and r["dtype"] != "fp32-tf32"
               and "merge" not in r["kernel"] and (not r["ldgsts"] or r["ldgsts_narrow"])]
     assert not narrow, f"matmul operands without 16-byte cp.async: {narrow}"
+    # ... and no synchronous global load or store inside their MMA loop (a misaligned operand
+    # row, e.g. an odd-width scratch row, turns its cp.async into plain loads).
+    sync = [where(r) for r in results if r["kernel"].startswith(("linear", "grad")) and "merge" not in r["kernel"]
+            and (r["wide_global_in_loop"] or r["narrow_global_in_loop"])]
+    assert not sync, f"synchronous global accesses in the MMA loop: {sync}"
     # The memory-bound logits kernels stream rows with 16-byte loads/stores, also when an odd
     # vocabulary leaves rows misaligned (interior tiles realigned and unmasked).
     scalar = [where(r) for r in results if r["kernel"].startswith("logits") and not r["wide_global_in_loop"]]
