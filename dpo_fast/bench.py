@@ -174,7 +174,9 @@ BENCH_TITLES = {
     "epilogue.segment_sum": "loss epilogue: per-sequence segment sums (forward + backward)",
     "dpo_step.fwd_bwd": "fused DPO loss step: chosen + rejected, cached reference log-probs (forward + backward)",
     "train_step": "end-to-end DPO training step on a small HF model",
+    "packing_step": "DPO step with shared prompts and packing (log-normal lengths, demo's small model)",
 }
+PACKING_FIELDS = ("trunk_tokens_per_pair", "real_tokens_per_pair", "first_step_loss", "pairs", "steps_per_round")
 
 
 def load_rows(path_or_data) -> list[dict]:
@@ -204,6 +206,7 @@ def load_rows(path_or_data) -> list[dict]:
             "peak_bytes": info.get("peak_bytes"),
             "series": info.get("series") or [],
             "note": info.get("note", ""),
+            **{k: info[k] for k in PACKING_FIELDS if k in info},
         }
         if row["flops"] and median:
             row["tflops"] = row["flops"] / median / 1e12
@@ -277,6 +280,9 @@ def markdown_table(rows: list[dict], skips: list[dict] | None = None) -> str:
     out = []
     for bench in benches:
         out.append(f"### {BENCH_TITLES.get(bench, bench)}\n")
+        if bench == "packing_step":
+            out += packing_table([r for r in rows if r["bench"] == bench])
+            continue
         out.append("| shape | tokens | H × V | dtype | provider | median | TFLOP/s | % of matmul ceiling "
                    "| peak memory | time ÷ best peer |")
         out.append("|---|---:|---|---|---|---:|---:|---:|---:|---:|")
@@ -305,6 +311,30 @@ def markdown_table(rows: list[dict], skips: list[dict] | None = None) -> str:
             out.append(f"| {key[0]} | {s['reason'].replace('|', '/')} |")
         out.append("")
     return "\n".join(out)
+
+
+def packing_table(rows: list[dict]) -> list[str]:
+    """Lines of the shared-prompt/packing table: trunk tokens per pair, step time (a round's
+    median over its ``steps_per_round`` steps) and the speed-up against ``dpo_fast-padded``,
+    peak memory and the first-step loss (same batch)."""
+    base = {r["shape"]: r for r in rows if r["provider"] == "dpo_fast-padded"}
+    out = ["| provider | trunk tokens / pair | real tokens / pair | median step | pairs / s | step throughput vs "
+           "dpo_fast-padded | trunk tokens vs dpo_fast-padded | peak memory | first-step loss |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (str(r["shape"]), r["median_s"] or math.inf)):
+        b = base.get(r["shape"])
+        speed = b["median_s"] / r["median_s"] if b and b["median_s"] and r["median_s"] else None
+        tokens = (r.get("trunk_tokens_per_pair") / b["trunk_tokens_per_pair"] - 1) * 100 \
+            if b and b.get("trunk_tokens_per_pair") and r.get("trunk_tokens_per_pair") else None
+        rate = r["pairs"] / r["median_s"] if r.get("pairs") and r["median_s"] else None
+        step = r["median_s"] / r.get("steps_per_round", 1) if r["median_s"] else None
+        provider = f"**{r['provider']}**" if is_dpo_fast(r["provider"]) else r["provider"]
+        out.append(f"| {provider} | {_fmt(r.get('trunk_tokens_per_pair'), '.0f')} "
+                   f"| {_fmt(r.get('real_tokens_per_pair'), '.0f')} | {fmt_time(step)} | {_fmt(rate, '.2f')} "
+                   f"| {_fmt(speed, '.2f', '×')} | {_fmt(tokens, '+.0f', '%')} | {fmt_bytes(r['peak_bytes'])} "
+                   f"| {_fmt(r.get('first_step_loss'), '.7f')} |")
+    out.append("")
+    return out
 
 
 def environment_markdown(env: dict, ceilings: dict | None = None) -> str:
@@ -367,6 +397,10 @@ def readme_snippet(rows: list[dict], env: dict, folder: str) -> str:
             head.append(f"| {r['shape']} | {r['tokens']} | {provider} | {fmt_time(r['median_s'])} "
                         f"| {fmt_bytes(r['peak_bytes'])} | {_fmt(r['vs_best_peer'], '.2f', '×')} |")
         head.append("")
+    packing = [r for r in rows if r["bench"] == "packing_step"]
+    if packing:
+        head += [f"{BENCH_TITLES['packing_step']}; one optimizer step each, same pairs, same first-step loss:", ""]
+        head += packing_table(packing)
     head.append("Peak memory is what one call allocates beyond its inputs; \"time ÷ best peer\" below 1 means faster "
                 "than every other provider measured on that shape.")
     return "\n".join(head) + "\n"
@@ -474,6 +508,7 @@ SUITES = {
     "epilogue": "test_epilogue.py",
     "dpo": "test_dpo_step.py",
     "train": "test_train_step.py",
+    "packing": "test_packing_step.py",
 }
 
 

@@ -170,8 +170,12 @@ def plan_batches(examples, batch_size: int, max_length: int | None) -> list[list
 @torch.no_grad()
 def compute_entries(model, batch: list[PreferenceExample], *, max_length, truncation_mode, temperature=1.0,
                     ld_alpha=None, store_dtype="float64", token_logps=False, store_inputs=True, impl="auto",
-                    pad_token_id=0):
+                    pad_token_id=0, packing=None):
     """Reference entries for one batch: chosen and rejected in one forward through the fused path.
+
+    With ``packing`` (``"shared_prompt"``/``"shared_prompt_packed"``) the forward runs the
+    shared-prompt layout of :mod:`dpo_fast.integrations.packing`: the same numbers to fp32
+    rounding, so the cache (whose fingerprint does not record it) is the same either way.
 
     The sums are the float32 per-token log-probs summed in float64 (rounded to float32 when
     ``store_dtype="float32"``). With ``ld_alpha``, tokens past the shorter completion of the
@@ -182,8 +186,18 @@ def compute_entries(model, batch: list[PreferenceExample], *, max_length, trunca
     device = next(model.parameters()).device
     cols = collate_preference(batch, pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode)
     cols = {k: v.to(device) for k, v in cols.items()}
-    per_token = completion_logps(model, cols["input_ids"], cols["attention_mask"], cols["completion_mask"],
-                                 impl=impl, temperature=temperature)
+    if packing is None:
+        per_token = completion_logps(model, cols["input_ids"], cols["attention_mask"], cols["completion_mask"],
+                                     impl=impl, temperature=temperature)
+        forwarded = int(cols["attention_mask"].sum())
+    else:
+        from .integrations.packing import build_layout, packed_completion_logps
+
+        layout = build_layout(cols["input_ids"], cols["attention_mask"], cols["completion_mask"], packing=packing,
+                              pad_token_id=pad_token_id)
+        per_token = packed_completion_logps(model, cols["input_ids"], cols["attention_mask"], cols["completion_mask"],
+                                            packing=packing, impl=impl, temperature=temperature, layout=layout)
+        forwarded = layout.tokens
     scored = cols["completion_mask"][:, 1:].bool()
     values = per_token[:, :-1].double() * scored
     counts = scored.sum(-1)
@@ -199,7 +213,6 @@ def compute_entries(model, batch: list[PreferenceExample], *, max_length, trunca
     if store_dtype == "float32":
         sums = sums.float().double()
     n = len(batch)
-    lengths = cols["attention_mask"].sum(-1).cpu()
     entries = []
     for i, ex in enumerate(batch):
         full = len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
@@ -212,7 +225,7 @@ def compute_entries(model, batch: list[PreferenceExample], *, max_length, trunca
                              chosen_tokens=int(counts[i]), rejected_tokens=int(counts[n + i]),
                              truncated=max_length is not None and full > max_length, token_logps=token_blob,
                              inputs=pack_inputs(ex) if store_inputs else None))
-    return entries, int(lengths.sum())
+    return entries, forwarded
 
 
 def _check_args(batch_size, dtype, max_length, truncation_mode, temperature, ld_alpha, store_dtype):
@@ -254,7 +267,7 @@ def current_fingerprint(model_path, tokenizer, *, max_length, truncation_mode, d
 def precompute(model, dataset, cache, *, tokenizer=None, split=None, batch_size=8, device="auto", dtype="float32",
                max_length=None, truncation_mode="keep_start", temperature=1.0, ld_alpha=None, store_dtype="float64",
                token_logps=False, store_inputs=True, impl="auto", progress=True, check_head=True,
-               out=None) -> PrecomputeSummary:
+               out=None, packing=None) -> PrecomputeSummary:
     """Fill the cache at ``cache`` with reference log-probs of ``dataset`` under ``model``.
 
     Args:
@@ -273,11 +286,17 @@ def precompute(model, dataset, cache, *, tokenizer=None, split=None, batch_size=
         store_inputs: store the token ids (lets ``cache verify`` recompute without the dataset).
         impl: fused-op implementation. check_head: compare the fused head with the model's own
             logits once before computing (guards unknown logit transforms).
+        packing: None, ``"shared_prompt"`` or ``"shared_prompt_packed"``: run each batch through
+            the shared-prompt (packed) layout; the stored values, and the fingerprint, are the
+            same as without (a cache can be filled and resumed either way).
     Returns:
         a :class:`PrecomputeSummary` (also printed to ``out`` when given).
     """
     t_start = time.perf_counter()
     _check_args(batch_size, dtype, max_length, truncation_mode, temperature, ld_alpha, store_dtype)
+    from .integrations.packing import check_packing
+
+    check_packing(packing)
     model_path = os.fspath(model)
     cache_path = os.fspath(cache)
     if not os.path.isdir(model_path):
@@ -292,7 +311,7 @@ def precompute(model, dataset, cache, *, tokenizer=None, split=None, batch_size=
                            split=split, batch_size=batch_size, dtype=dtype, max_length=max_length,
                            truncation_mode=truncation_mode, temperature=temperature, ld_alpha=ld_alpha,
                            store_dtype=store_dtype, token_logps=token_logps, store_inputs=store_inputs, impl=impl,
-                           progress=progress, check_head=check_head, out=out)
+                           progress=progress, check_head=check_head, out=out, packing=packing)
     finally:
         if owned:
             dist.destroy_process_group()
@@ -300,7 +319,7 @@ def precompute(model, dataset, cache, *, tokenizer=None, split=None, batch_size=
 
 def _precompute(model_path, dataset, cache_path, dev, rank, world, dist, t_start, *, tokenizer, split, batch_size,
                 dtype, max_length, truncation_mode, temperature, ld_alpha, store_dtype, token_logps, store_inputs,
-                impl, progress, check_head, out):
+                impl, progress, check_head, out, packing=None):
     # data
     source = "dataset" if isinstance(dataset, (list, tuple)) else os.fspath(dataset)
     rows = list(dataset) if isinstance(dataset, (list, tuple)) else load_rows(source, split)
@@ -358,6 +377,10 @@ def _precompute(model_path, dataset, cache_path, dev, rank, world, dist, t_start
                 first = mine[0][0]
                 ids = (list(first.prompt_ids) + list(first.chosen_ids))[:16]
                 check_lm_head_spec(model_obj, torch.tensor([ids], device=dev))
+            if packing is not None:
+                from .integrations.packing import check_packing_support
+
+                check_packing_support(model_obj, packing)  # refuses an architecture it would get wrong
             pad_id = (getattr(tok, "pad_token_id", None) or 0) if tok is not None else 0
             summary.extra["load_seconds"] = time.perf_counter() - t_load
             t_compute = time.perf_counter()  # throughput counts the batches only, not loading the model
@@ -368,7 +391,7 @@ def _precompute(model_path, dataset, cache_path, dev, rank, world, dist, t_start
                 entries, n_tok = compute_entries(
                     model_obj, batch, max_length=max_length, truncation_mode=truncation_mode, temperature=temperature,
                     ld_alpha=ld_alpha, store_dtype=store_dtype, token_logps=token_logps, store_inputs=store_inputs,
-                    impl=impl, pad_token_id=pad_id)
+                    impl=impl, pad_token_id=pad_id, packing=packing)
                 missing = [e for e in entries if e.key not in done]
                 writer.write(missing)  # one transaction: a kill loses at most this batch
                 computed += len(missing)
@@ -569,6 +592,9 @@ def _add_precompute(subparsers):
                    help="do not store token ids (smaller cache; `cache verify` then needs --dataset)")
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "torch", "triton"])
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--packing", default=None, choices=["shared_prompt", "shared_prompt_packed"],
+                   help="forward each prompt once ([prompt|chosen|rejected] rows), optionally packed; same values "
+                        "and fingerprint as without (default: padded rows)")
     p.add_argument("--no-check-head", action="store_true",
                    help="skip comparing the fused lm_head with the model's own logits before computing")
     p.set_defaults(func=_guard("precompute", _run_precompute))
@@ -579,7 +605,8 @@ def _run_precompute(args) -> int:
                batch_size=args.batch_size, device=args.device, dtype=args.dtype, max_length=args.max_length,
                truncation_mode=args.truncation_mode, temperature=args.temperature, ld_alpha=args.ld_alpha,
                store_dtype=args.store_dtype, token_logps=args.token_logps, store_inputs=not args.no_store_inputs,
-               impl=args.impl, progress=not args.no_progress, check_head=not args.no_check_head, out=sys.stdout)
+               impl=args.impl, progress=not args.no_progress, check_head=not args.no_check_head, out=sys.stdout,
+               packing=args.packing)
     return 0
 
 

@@ -17,6 +17,11 @@ the mean over all pairs of the step, exactly as one big batch would give (for ev
 whose loss is a mean of per-pair terms: all but ``aot``/``aot_unpaired``, which sort across the
 batch, and ``sft``, a token mean). Metrics are computed over the whole step's pairs and tokens.
 
+With ``TrainerConfig(packing="shared_prompt"|"shared_prompt_packed")`` the fused forward (and
+the reference pass) runs each prompt once and packs the pairs
+(:mod:`dpo_fast.integrations.packing`); the per-token outputs, and so everything after them,
+are the same to fp32 rounding.
+
 Tokenisation and collation are TRL's (:mod:`dpo_fast.data`). Reference log-probs come from a
 dpo_fast cache (:mod:`dpo_fast.cache`), a reference model, or, by default, are computed once
 from the initial policy before the first step (so no reference model stays in memory).
@@ -29,6 +34,7 @@ batches and reports the largest divergence.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import sys
@@ -72,6 +78,10 @@ class TrainerConfig:
     seed: int = 0
     shuffle: bool = True
     disable_dropout: bool = True
+    # None: padded [prompt|chosen] and [prompt|rejected] rows; "shared_prompt": one
+    # [prompt|chosen|rejected] row per pair; "shared_prompt_packed": those rows packed
+    # (dpo_fast.integrations.packing). Same numbers, fewer trunk tokens.
+    packing: str | None = None
 
     def __post_init__(self):
         check_trainer_config(self)
@@ -117,6 +127,12 @@ def check_trainer_config(c: TrainerConfig):
     for name in ("shuffle", "disable_dropout"):
         if not isinstance(getattr(c, name), bool):
             raise TypeError(f"{name} must be a bool, got {type(getattr(c, name)).__name__} {getattr(c, name)!r}")
+    from .integrations.packing import check_packing
+
+    check_packing(c.packing)
+    if c.packing is not None and c.impl == "reference":
+        raise ValueError("packing needs the fused path (impl != 'reference'); impl='reference' is the unshared "
+                         "full-logits oracle")
 
 
 @dataclass
@@ -133,15 +149,22 @@ class StepRecord:
     rejected_rewards: list = field(default_factory=list)
 
 
-def token_outputs(model, batch, impl, outputs=TOKEN_OUTPUTS):
+def token_outputs(model, batch, impl, outputs=TOKEN_OUTPUTS, packing=None, layout=None):
     """Per-token outputs ``[N, T]`` of a collated batch: position t scores ``input_ids[:, t+1]``
     where ``completion_mask[:, t+1]``, 0 elsewhere (the last column is always 0).
 
     ``impl="reference"`` takes the model's own logits and runs a plain float32 log_softmax;
-    any other impl runs the backbone and :func:`dpo_fast.integrations.hf.completion_logps`.
-    Returns a dict keyed by ``outputs``.
+    any other impl runs the backbone and :func:`dpo_fast.integrations.hf.completion_logps`
+    (:func:`dpo_fast.integrations.packing.packed_completion_logps` with ``packing``, over
+    ``layout`` when given). Returns a dict keyed by ``outputs``.
     """
     input_ids, attention_mask, completion_mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    if packing is not None:
+        from .integrations.packing import packed_completion_logps
+
+        result = packed_completion_logps(model, input_ids, attention_mask, completion_mask, packing=packing,
+                                         impl=impl, outputs=outputs, layout=layout)
+        return result if isinstance(result, dict) else {"log_probs": result}
     if impl != "reference":
         from .integrations.hf import completion_logps
 
@@ -169,10 +192,10 @@ def token_outputs(model, batch, impl, outputs=TOKEN_OUTPUTS):
     return result
 
 
-def sequence_sums(model, batch, impl):
+def sequence_sums(model, batch, impl, packing=None):
     """``(chosen_sums [B], rejected_sums [B])`` of completion log-probs, without gradient."""
     with torch.no_grad():
-        lp = token_outputs(model, batch, impl, outputs=("log_probs",))["log_probs"].sum(-1)
+        lp = token_outputs(model, batch, impl, outputs=("log_probs",), packing=packing)["log_probs"].sum(-1)
     b = lp.shape[0] // 2
     return lp[:b], lp[b:]
 
@@ -195,7 +218,7 @@ class ReferenceTable:
 
     @classmethod
     def from_model(cls, model, examples, *, impl, batch_size, pad_token_id, max_length=None,
-                   truncation_mode="keep_start"):
+                   truncation_mode="keep_start", packing=None):
         table = cls()
         was_training = model.training
         model.eval()
@@ -206,7 +229,7 @@ class ReferenceTable:
                 batch = collate_preference(chunk, pad_token_id=pad_token_id, max_length=max_length,
                                            truncation_mode=truncation_mode)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                rc, rr = sequence_sums(model, batch, impl)
+                rc, rr = sequence_sums(model, batch, impl, packing)
                 for ex, c, r in zip(chunk, rc.tolist(), rr.tolist()):
                     table.values[ex.key] = (c, r)
         finally:
@@ -264,13 +287,19 @@ class StandardTrainer:
             given, else the initial policy, evaluated once before training.
         ref_model: a frozen reference model, run on every batch (no_grad).
         pad_token_id: overrides the tokenizer's.
+        packing: overrides ``config.packing`` (None, ``"shared_prompt"`` or ``"shared_prompt_packed"``);
+            the model (and ``ref_model``) must pass
+            :func:`~dpo_fast.integrations.packing.check_packing_support`, run here, before anything else.
     """
 
     def __init__(self, model, examples, config: TrainerConfig | None = None, *, tokenizer=None, ref_cache=None,
-                 ref_model=None, pad_token_id=None):
+                 ref_model=None, pad_token_id=None, packing=None):
         if config is not None and not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig (or None), got {type(config).__name__}")
-        self.config = config = config or TrainerConfig()
+        config = config or TrainerConfig()
+        if packing is not None:
+            config = dataclasses.replace(config, packing=packing)
+        self.config = config
         self.model = model
         if ref_cache is not None and ref_model is not None:
             raise ValueError("pass either ref_cache or ref_model, not both")
@@ -292,6 +321,11 @@ class StandardTrainer:
         lm_head_spec(model)  # a model without an output embedding fails here, naming the problem
         if config.impl != "reference":  # the fused path rebuilds the logits from the lm_head: check it can
             check_lm_head_once(model)
+        if config.packing is not None:
+            from .integrations.packing import check_packing_support
+
+            for m in (model,) if ref_model is None else (model, ref_model):
+                check_packing_support(m, config.packing)  # refuses, naming the fallback, before any step
         if config.disable_dropout:
             disable_dropout(model)
         self.device = model_device(model)
@@ -302,7 +336,7 @@ class StandardTrainer:
                 self.ref_table = ReferenceTable.from_model(
                     model, self.examples, impl=config.impl, batch_size=config.batch_size,
                     pad_token_id=self.pad_token_id, max_length=config.max_length,
-                    truncation_mode=config.truncation_mode)
+                    truncation_mode=config.truncation_mode, packing=config.packing)
             elif isinstance(ref_cache, ReferenceTable):
                 self.ref_table = ref_cache
             else:
@@ -338,7 +372,7 @@ class StandardTrainer:
         if self.config.reference_free:
             return None, None
         if self.ref_model is not None:
-            rc, rr = sequence_sums(self.ref_model, batch, self.config.impl)
+            rc, rr = sequence_sums(self.ref_model, batch, self.config.impl, self.config.packing)
         elif isinstance(self.ref_table, ReferenceTable):
             rc, rr = self.ref_table.lookup(examples)
         else:
@@ -352,7 +386,13 @@ class StandardTrainer:
         """Loss and the raw per-pair/per-token statistics of one micro-batch (one forward)."""
         c = self.config
         batch = self.collate(examples)
-        tok = token_outputs(self.model, batch, c.impl)
+        layout = None
+        if c.packing is not None:
+            from .integrations.packing import build_layout
+
+            layout = build_layout(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                  packing=c.packing, pad_token_id=self.pad_token_id)
+        tok = token_outputs(self.model, batch, c.impl, packing=c.packing, layout=layout)
         b = len(examples)
         shift_mask = torch.zeros_like(batch["completion_mask"])
         shift_mask[:, :-1] = batch["completion_mask"][:, 1:]
@@ -388,7 +428,7 @@ class StandardTrainer:
                 "rejected_logits_sum": (tok["mean_logits"][b:] * m[b:]).sum().double(),
                 "rejected_tokens": m[b:].sum(),
                 "chosen_top1": (tok["is_top1"][:b] & m[:b]).sum(),
-                "forwarded_tokens": int(batch["attention_mask"].sum()),
+                "forwarded_tokens": int(batch["attention_mask"].sum()) if layout is None else layout.tokens,
             }
         return loss, stats
 
@@ -474,6 +514,7 @@ class VerifyReport:
     max_param_name: str
     max_param_change: float              # how far training moved the parameters (for scale)
     tolerance: dict
+    packing: str | None = None
 
     @property
     def worst_metric(self) -> tuple[str, float]:
@@ -489,8 +530,9 @@ class VerifyReport:
     def format(self) -> str:
         name, worst = self.worst_metric
         lines = [
-            f"dpo-fast verify: {self.steps} steps, loss_type={self.loss_type}, fused impl={self.impl} "
-            "vs standard (full logits, plain log_softmax), float32, same seed and batches",
+            f"dpo-fast verify: {self.steps} steps, loss_type={self.loss_type}, fused impl={self.impl}"
+            + (f", packing={self.packing}" if self.packing else "")
+            + " vs standard (padded, full logits, plain log_softmax), float32, same seed and batches",
             f"  max |loss diff|              {self.max_loss_diff:.3e}   (tolerance {self.tolerance['loss']:.0e})",
             f"  max |metric diff|            {worst:.3e}   ({name}; tolerance {self.tolerance['metrics']:.0e})",
         ]
@@ -508,10 +550,11 @@ class VerifyReport:
 def verify(steps: int = 4, *, loss_type: str = "sigmoid", beta: float = 0.1, impl: str = "auto",
            model_size: str = "tiny", vocab_size: int = 512, pairs: int = 32, batch_size: int = 4,
            grad_accum_steps: int = 2, learning_rate: float = 1e-3, seed: int = 0, label_smoothing: float = 0.0,
-           tolerance: dict | None = None, device: str | None = None) -> VerifyReport:
+           tolerance: dict | None = None, device: str | None = None, packing: str | None = None) -> VerifyReport:
     """Train ``steps`` steps with the standard oracle (``impl="reference"``) and the fused path
     from the same initial weights on the same batches, in float32; report the largest divergence
-    in loss, every metric, and every parameter."""
+    in loss, every metric, and every parameter. With ``packing``, the fused side runs the
+    shared-prompt (packed) layout, reference pass included; the oracle stays padded."""
     from .synthetic import build_model, build_tokenizer, make_preference_rows
 
     if impl == "reference":
@@ -526,7 +569,8 @@ def verify(steps: int = 4, *, loss_type: str = "sigmoid", beta: float = 0.1, imp
         model = copy.deepcopy(base)
         config = TrainerConfig(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                learning_rate=learning_rate, batch_size=batch_size,
-                               grad_accum_steps=grad_accum_steps, impl=which, seed=seed)
+                               grad_accum_steps=grad_accum_steps, impl=which, seed=seed,
+                               packing=None if which == "reference" else packing)
         trainer = StandardTrainer(model, examples, config, pad_token_id=tokenizer.pad_token_id)
         history = trainer.train(steps)
         results[which] = (history, {n: p.detach().clone() for n, p in model.named_parameters()})
@@ -541,7 +585,7 @@ def verify(steps: int = 4, *, loss_type: str = "sigmoid", beta: float = 0.1, imp
         change = max(change, float((p - initial[name].detach()).abs().max()))
         if d >= param_diff:
             param_diff, param_name = d, name
-    return VerifyReport(steps=steps, loss_type=loss_type, impl=impl, max_loss_diff=loss_diff,
+    return VerifyReport(steps=steps, loss_type=loss_type, impl=impl, packing=packing, max_loss_diff=loss_diff,
                         max_metric_diff=metric_diff, max_param_diff=param_diff, max_param_name=param_name,
                         max_param_change=change, tolerance=dict(tolerance or DEFAULT_TOLERANCE))
 
@@ -557,6 +601,8 @@ def register_verify(sub):
     p.add_argument("--model-size", default="tiny", choices=["tiny", "small", "base"],
                    help="tiny, small or base (default tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--packing", default=None, choices=["shared_prompt", "shared_prompt_packed"],
+                   help="run the fused side with the shared-prompt (packed) layout (default: padded)")
     p.set_defaults(func=_run_verify)
 
 
@@ -570,7 +616,8 @@ def _run_verify(args) -> int:
                                     "(or TRITON_INTERPRET=1 for the CPU interpreter)")
     try:
         report = verify(args.steps, loss_type=args.loss_type, beta=args.beta, impl=args.impl,
-                        model_size=args.model_size, seed=args.seed, label_smoothing=args.label_smoothing)
+                        model_size=args.model_size, seed=args.seed, label_smoothing=args.label_smoothing,
+                        packing=args.packing)
     except ValueError as e:  # e.g. a bad --beta or --label-smoothing
         return _cli_error("verify", str(e))
     print(report.format())

@@ -132,3 +132,22 @@ def test_cpu_peak_memory_counts_what_a_call_allocates():
     peak, method = bench.peak_memory(three_buffers, "cpu")
     assert "VmHWM" in method
     assert 44 << 20 <= peak <= 60 << 20
+
+
+def test_packing_table_reports_tokens_speedup_and_losses():
+    def row(provider, median, trunk, real, loss):
+        b = _bench(f"p[{provider}]", "packing_step", provider, median, flops=False, peak=5 << 20)
+        b["extra_info"].update(trunk_tokens_per_pair=trunk, real_tokens_per_pair=real, first_step_loss=loss, pairs=8)
+        return b
+
+    data = {"benchmarks": [row("trl-padded", 2.0, 1200.0, 800.0, 0.7012345), row("dpo_fast-padded", 1.0, 1200.0, 800.0,
+                                                                             0.7012345),
+                           row("dpo_fast-packed", 0.5, 600.0, 590.0, 0.7012346)]}
+    md = bench.markdown_table(bench.load_rows(data))
+    assert "### DPO step with shared prompts and packing" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "padded" in ln or "packed" in ln]
+    packed = next(ln for ln in lines if "dpo_fast-packed" in ln)
+    assert "| 600 |" in packed and "2.00×" in packed and "-50%" in packed and "16.00" in packed
+    assert "0.7012346" in packed
+    assert "0.50×" in next(ln for ln in lines if "trl-padded" in ln)
+    assert "packing" in bench.SUITES and bench.SUITES["packing"] == "test_packing_step.py"

@@ -101,7 +101,7 @@ def _router_aux_loss(model, backbone_outputs, attention_mask):
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                      outputs: tuple[str, ...] = ("log_probs",), *, impl: str = "auto") -> None:
+                      outputs: tuple[str, ...] = ("log_probs",), *, impl: str = "auto", packing=None) -> None:
     """Give ``model`` TRL's fused-LM-head forward, computed by dpo_fast.
 
     Same contract as ``trl.trainer.utils.add_fused_lm_head`` (1.15+):
@@ -118,13 +118,18 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         outputs: per-token fields to compute, from ``("log_probs", "entropy",
             "log_sum_sq_probs", "mean_logits", "is_top1")``; the others are None.
         impl: dpo_fast implementation (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``).
+        packing: None, ``"shared_prompt"`` or ``"shared_prompt_packed"``: the fused forward of a
+            ``[chosen rows; rejected rows]`` batch (DPOTrainer's) runs the shared-prompt (packed)
+            layout of :mod:`dpo_fast.integrations.packing` (see :func:`_packed_fused_forward`).
     """
     from ..ops import IMPLS
     from ..options import LogprobOptions
+    from .packing import check_packing
 
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     LogprobOptions(temperature=temperature)  # a bad temperature fails now, not at the first step
+    check_packing(packing)
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
     unknown = [o for o in outputs if o not in _TRL_OUTPUTS]
     if unknown:
@@ -147,6 +152,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels (or shift_labels): the next-token ids to score, -100 elsewhere")
         kwargs["use_cache"] = False
+        if packing is not None:
+            return _packed_fused_forward(self, args, kwargs, labels, shift_labels, num_items_in_batch, requested,
+                                         temperature, cast_lm_head_to_fp32, impl, packing)
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         # Looked up on every call: PEFT and FSDP replace modules after patching.
@@ -183,6 +191,43 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
     model.forward = types.MethodType(fused_forward, model)
     model._dpo_fast_fused_head = impl
+    model._dpo_fast_packing = packing
+
+
+def _packed_fused_forward(model, args, kwargs, labels, shift_labels, num_items_in_batch, requested, temperature,
+                          cast_lm_head_to_fp32, impl, packing):
+    """The fused-head output of DPOTrainer's ``[chosen; rejected]`` batch via the shared-prompt layout.
+
+    DPOTrainer (text datasets) calls ``model(input_ids=, attention_mask=, use_cache=False,
+    labels=input_ids with -100 off the completion)``, rows ``i`` and ``B + i`` the chosen and
+    rejected sequence of pair ``i``, right-padded: exactly what
+    :func:`~dpo_fast.integrations.packing.packed_completion_logps` takes (its completion mask is
+    ``labels != -100``). Anything else (pre-shifted labels, extra model inputs such as images or
+    position ids, MoE router logits, a float32-cast head) is refused with a clear error.
+    """
+    from .packing import packed_completion_logps
+
+    extra = sorted(k for k in kwargs if k not in ("input_ids", "attention_mask", "use_cache"))
+    problems = [("positional inputs", bool(args)), ("shift_labels", shift_labels is not None),
+                (f"model inputs {extra}", bool(extra)), ("cast_lm_head_to_fp32", cast_lm_head_to_fp32)]
+    bad = [name for name, present in problems if present]
+    if bad:
+        raise ValueError(f"packing={packing!r} handles DPOTrainer's text batches (input_ids, attention_mask, labels); "
+                         f"this call also has {', '.join(bad)}: use packing=None")
+    input_ids = kwargs.get("input_ids")
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is None and isinstance(input_ids, torch.Tensor):
+        attention_mask = torch.ones_like(input_ids)
+    completion = (labels != -100).long() if isinstance(labels, torch.Tensor) else labels
+    fields = packed_completion_logps(model, input_ids, attention_mask, completion, packing=packing, impl=impl,
+                                     outputs=requested, temperature=temperature)
+    fields = fields if isinstance(fields, dict) else {"log_probs": fields}
+    fields = {name: value[:, :-1] for name, value in fields.items()}  # position t scores token t+1, as TRL's
+    mask = labels[:, 1:] != -100
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -fields["log_probs"].sum() / count
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=None,
+                               **{name: fields.get(name) for name in _TRL_OUTPUTS})
 
 
 def _check_head_once(model):
@@ -195,10 +240,10 @@ def _check_head_once(model):
 
 
 @contextlib.contextmanager
-def _fused_head_in_dpo_trainer(impl):
+def _fused_head_in_dpo_trainer(impl, packing=None):
     """Within the block, DPOTrainer installs dpo_fast's head instead of TRL's."""
     previous = _dpo_module.add_fused_lm_head
-    _dpo_module.add_fused_lm_head = functools.partial(add_fused_lm_head, impl=impl)
+    _dpo_module.add_fused_lm_head = functools.partial(add_fused_lm_head, impl=impl, packing=packing)
     try:
         yield
     finally:
@@ -244,13 +289,21 @@ class FusedDPOTrainer(DPOTrainer):
             local folder, its weights): else ``StaleCacheError`` names the difference. Rows
             missing from the cache raise ``KeyError`` with the count.
         impl: dpo_fast implementation for the fused head (default ``"auto"``).
+        packing: None (default), ``"shared_prompt"`` or ``"shared_prompt_packed"``: the policy and
+            reference forwards run each prompt once (and pack the pairs), with the same numbers
+            (:mod:`dpo_fast.integrations.packing`; the model is probed on first use and refused,
+            naming the fallback, if its attention cannot honour the layout). Text datasets only
+            (vision batches carry extra inputs and left-padded prompts: a clear error).
     """
 
-    def __init__(self, model, ref_model=None, args=None, *posargs, ref_logps_cache=None, impl="auto", **kwargs):
+    def __init__(self, model, ref_model=None, args=None, *posargs, ref_logps_cache=None, impl="auto", packing=None,
+                 **kwargs):
         from ..ops import IMPLS
+        from .packing import check_packing
 
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_packing(packing)
         if args is not None:  # the loss options, with the same check as every dpo_fast loss, before any work
             from ..options import check_loss_options
 
@@ -278,7 +331,7 @@ class FusedDPOTrainer(DPOTrainer):
             if isinstance(model, str) and os.path.isdir(model):
                 self._dpo_fast_model_dir = model  # the cache must come from these weights
             args.precompute_ref_log_probs = True  # TRL then reads ref_*_logps from the batch, builds no ref model
-        with _fused_head_in_dpo_trainer(impl):
+        with _fused_head_in_dpo_trainer(impl, packing):
             super().__init__(model, ref_model, args, *posargs, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
