@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 from .ops import IMPLS, compact_rows, fused_rows_logprobs, resolve_impl
 from .options import LOSS_TYPES, LogprobOptions, check_loss_options  # noqa: F401 (LOSS_TYPES re-exported)
-from .validation import check_float, check_linear_inputs, check_same_device
+from .validation import check_float, check_linear_inputs, check_same_device, is_dtensor
+from .vocab_parallel import VocabShard
+from .vocab_parallel import prepare as _prepare_vocab_parallel
+from .vocab_parallel import rows_logprobs as _vocab_parallel_rows
 
 @dataclass
 class DPOOutput:
@@ -214,7 +217,7 @@ def fused_linear_dpo_loss(chosen_hidden, chosen_labels, rejected_hidden, rejecte
                           ref_chosen_logps=None, ref_rejected_logps=None, *, beta=0.1, loss_type="sigmoid",
                           loss_weights=None, label_smoothing=0.0, simpo_gamma=0.5, discopop_tau=0.05,
                           ignore_index=-100, logit_scale=1.0, softcap=None, temperature=1.0, impl="auto",
-                          deterministic=False) -> DPOOutput:
+                          deterministic=False, vocab_parallel=None) -> DPOOutput:
     """Computes ``dpo_loss(seq(logp_c), seq(logp_r), ref_c, ref_r)`` where ``logp = log_softmax(z, -1)
     .gather(-1, labels)`` and ``z`` the transformed ``hidden @ weight.T + bias`` (see
     :func:`dpo_fast.linear_logprobs`), without ever allocating the logits.
@@ -235,6 +238,12 @@ def fused_linear_dpo_loss(chosen_hidden, chosen_labels, rejected_hidden, rejecte
             :func:`dpo_loss`; completion lengths come from the labels.
         ignore_index, logit_scale, softcap, temperature, impl, deterministic: see
             :func:`dpo_fast.linear_logprobs`.
+        vocab_parallel: a vocabulary-parallel (tensor-parallel) head, see
+            :mod:`dpo_fast.vocab_parallel`: a :class:`~dpo_fast.vocab_parallel.VocabShard` when
+            ``weight``/``bias`` are this rank's rows, or True when ``weight`` is a DTensor
+            sharded on dim 0; the hidden states and labels are then the same on every rank
+            and labels are global ids. None: a DTensor weight takes this path only with
+            DTensor hidden states (else a clear error).
     Every sequence must have at least one completion token (else a ValueError names it).
     """
     check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau,
@@ -243,10 +252,22 @@ def fused_linear_dpo_loss(chosen_hidden, chosen_labels, rejected_hidden, rejecte
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     opts = LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                           temperature=temperature, deterministic=deterministic)
-    check_linear_inputs(chosen_hidden, weight, chosen_labels, bias, ignore_index,
-                        hidden_name="chosen_hidden", labels_name="chosen_labels")
-    check_linear_inputs(rejected_hidden, weight, rejected_labels, bias, ignore_index,
-                        hidden_name="rejected_hidden", labels_name="rejected_labels")
+    shard = None
+    if vocab_parallel not in (None, False) or any(is_dtensor(t) for t in (chosen_hidden, rejected_hidden, weight, bias)):
+        if not (vocab_parallel in (None, False, True) or isinstance(vocab_parallel, VocabShard)):
+            raise TypeError(f"vocab_parallel must be None, True or a VocabShard, got {type(vocab_parallel).__name__}")
+        placement = {} if not isinstance(vocab_parallel, VocabShard) else dict(
+            vocab_start=vocab_parallel.start, vocab_size=vocab_parallel.vocab_size, group=vocab_parallel.group)
+        pairs, weight, bias, shard, impl = _prepare_vocab_parallel(
+            [("chosen_hidden", chosen_hidden, "chosen_labels", chosen_labels),
+             ("rejected_hidden", rejected_hidden, "rejected_labels", rejected_labels)],
+            weight, bias, opts=opts, impl=impl, explicit=vocab_parallel not in (None, False), **placement)
+        chosen_hidden, rejected_hidden = pairs[0][1], pairs[1][1]
+    else:
+        check_linear_inputs(chosen_hidden, weight, chosen_labels, bias, ignore_index,
+                            hidden_name="chosen_hidden", labels_name="chosen_labels")
+        check_linear_inputs(rejected_hidden, weight, rejected_labels, bias, ignore_index,
+                            hidden_name="rejected_hidden", labels_name="rejected_labels")
     for name, t in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden)):
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape [B, T, H], got {tuple(t.shape)}")
@@ -270,7 +291,11 @@ def fused_linear_dpo_loss(chosen_hidden, chosen_labels, rejected_hidden, rejecte
     else:
         rows_c, h_c, lab_c = compact_rows(chosen_hidden, chosen_labels, ignore_index)
         rows_r, h_r, lab_r = compact_rows(rejected_hidden, rejected_labels, ignore_index)
-        token_logps, _ = fused_rows_logprobs(torch.cat([h_c, h_r]), weight, torch.cat([lab_c, lab_r]), bias, opts, impl)
+        h_rows, lab_rows = torch.cat([h_c, h_r]), torch.cat([lab_c, lab_r])
+        if shard is None:
+            token_logps, _ = fused_rows_logprobs(h_rows, weight, lab_rows, bias, opts, impl)
+        else:
+            token_logps, _ = _vocab_parallel_rows(h_rows, weight, lab_rows, bias, shard, opts, impl)
         seq = torch.cat([rows_c // chosen_labels.shape[1], batch + rows_r // rejected_labels.shape[1]])
         sums = token_logps.new_zeros(2 * batch).index_add(0, seq, token_logps)
         pc, pr = sums[:batch], sums[batch:]
@@ -288,18 +313,20 @@ class FusedLinearDPOLoss(torch.nn.Module):
 
     def __init__(self, beta=0.1, loss_type="sigmoid", *, loss_weights=None, label_smoothing=0.0, simpo_gamma=0.5,
                  discopop_tau=0.05, ignore_index=-100, logit_scale=1.0, softcap=None, temperature=1.0, impl="auto",
-                 deterministic=False):
+                 deterministic=False, vocab_parallel=None):
         super().__init__()
         self.kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
                            simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, ignore_index=ignore_index,
                            logit_scale=logit_scale, softcap=softcap, temperature=temperature, impl=impl,
-                           deterministic=deterministic)
+                           deterministic=deterministic, vocab_parallel=vocab_parallel)
         # Validate the options now rather than at the first step (forward validates again, before any work).
         check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau)
         LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
                        deterministic=deterministic)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if not (vocab_parallel in (None, False, True) or isinstance(vocab_parallel, VocabShard)):
+            raise TypeError(f"vocab_parallel must be None, True or a VocabShard, got {type(vocab_parallel).__name__}")
 
     def forward(self, chosen_hidden, chosen_labels, rejected_hidden, rejected_labels, weight, bias=None,
                 ref_chosen_logps=None, ref_rejected_logps=None) -> DPOOutput:

@@ -13,7 +13,7 @@ import torch
 
 from . import blockwise, reference
 from .options import LogprobOptions
-from .validation import check_float, check_labels, check_linear_inputs
+from .validation import check_float, check_labels, check_linear_inputs, is_dtensor
 
 IMPLS = ("auto", "reference", "torch", "triton")
 
@@ -141,7 +141,11 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, log
 
     Args:
         hidden: ``[..., H]`` float16/bfloat16/float32/float64 last hidden states.
-        weight: ``[V, H]`` lm_head weight, same dtype and device as hidden.
+        weight: ``[V, H]`` lm_head weight, same dtype and device as hidden. A DTensor
+            weight sharded by rows (``Shard(0)``, tensor parallel) with DTensor hidden states
+            on its mesh runs vocabulary-parallel (:mod:`dpo_fast.vocab_parallel`); any other
+            DTensor input raises an error that says what to do (FSDP2: run the head inside the
+            FSDP module's forward).
         labels: ``[...]`` integer token ids matching ``hidden.shape[:-1]``, each in
             ``[0, V)`` or equal to ``ignore_index``.
         bias: optional ``[V]`` lm_head bias.
@@ -160,6 +164,12 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, log
     """
     opts = LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                           temperature=temperature, outputs=outputs, deterministic=deterministic)
+    if is_dtensor(weight) or is_dtensor(hidden) or is_dtensor(bias):
+        # A row-sharded DTensor head with DTensor hidden states is vocabulary-parallel; every
+        # other DTensor combination is a clear error there (see dpo_fast.vocab_parallel).
+        from .vocab_parallel import run
+
+        return run(hidden, weight, labels, bias, opts, impl, explicit=False)
     check_linear_inputs(hidden, weight, labels, bias, ignore_index)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
     if impl == "reference":
@@ -168,6 +178,11 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, log
                                                    temperature=temperature, outputs=opts.outputs)
     rows, hidden_rows, label_rows = compact_rows(hidden, labels, ignore_index)
     log_probs, extras = fused_rows_logprobs(hidden_rows, weight, label_rows, bias, opts, impl)
+    return scatter_outputs(rows, log_probs, extras, labels, opts)
+
+
+def scatter_outputs(rows, log_probs, extras, labels, opts: LogprobOptions):
+    """Per-row results back to ``labels.shape`` (0 at ignored positions): the tensor, or a dict."""
     n = labels.numel()
     result = {"log_probs": _scatter(rows, log_probs, n, labels.shape)}
     result.update({name: _scatter(rows, value, n, labels.shape) for name, value in extras.items()})

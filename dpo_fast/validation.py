@@ -11,6 +11,15 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_dtensor(t) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (a sharded or replicated distributed tensor)."""
+    if not isinstance(t, torch.Tensor) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def check_float(name: str, t, *, dim: int | None = None, min_dim: int | None = None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -3,7 +3,8 @@
 :mod:`dpo_fast.ops` calls the four launchers below, which have the same signatures as
 their PyTorch counterparts in :mod:`dpo_fast.blockwise`:
 
-* ``linear_logprobs_fwd(hidden, weight, labels, bias, opts) -> (log_probs, lse, extras)``
+* ``linear_logprobs_fwd(hidden, weight, labels, bias, opts, *, num_sms=None) -> (log_probs, lse, extras)``
+  (``num_sms``: the SM count the grid is sized for, default the device's)
 * ``linear_logprobs_bwd(grad, hidden, weight, labels, bias, lse, opts, needs_input_grad)``
   ``-> (grad_hidden, grad_weight, grad_bias)``
 * ``logits_logprobs_fwd(logits, labels, opts) -> (log_probs, lse)``
@@ -11,7 +12,7 @@ their PyTorch counterparts in :mod:`dpo_fast.blockwise`:
 
 The algorithms, byte counts and block choices are described in
 :mod:`.linear_logprobs` and :mod:`.logits_logprobs`; the interpreter workarounds in
-:mod:`._common`. Supported dtypes: float32, bfloat16, float16 (float64 raises; ``impl="auto"``
+:mod:`._common`; what the kernels compile to for sm_90 is checked by :mod:`.compile_check`. Supported dtypes: float32, bfloat16, float16 (float64 raises; ``impl="auto"``
 sends float64 to the PyTorch path).
 
 Loss epilogue (why there is no fused DPO-loss kernel). After the fused log-prob op, the

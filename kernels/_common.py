@@ -57,13 +57,37 @@ def bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
+def fp32_dot_precision() -> str:
+    """``tl.dot`` input precision for float32 operands, following PyTorch's setting.
+
+    ``torch.get_float32_matmul_precision()`` (also set by
+    ``torch.backends.cuda.matmul.allow_tf32``): "highest" (PyTorch's default) keeps true
+    fp32 products ("ieee", FMA units, no tensor cores); "high" and "medium" allow TF32
+    tensor cores ("tf32": 10-bit mantissa operands, fp32 accumulation), as they do for
+    every PyTorch fp32 matmul. Read at each launch, so changing the setting takes effect
+    on the next call.
+    """
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """Constexpr flags describing how ``tl.dot`` is fed for operands of ``dtype``."""
     return {
         "UPCAST_DOT": INTERPRET and dtype != torch.float32,
-        # fp32 operands: true fp32 products (torch's default for fp32 matmul), not TF32.
-        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        # 16-bit operands: tensor cores (the precision flag is ignored for them).
+        "DOT_PRECISION": fp32_dot_precision() if dtype == torch.float32 else "tf32",
     }
+
+
+def config_class(dtype: torch.dtype) -> str:
+    """Which config list a launch uses: "16" (bf16/fp16 tensor cores), "tf32", "ieee" (fp32 FMA)."""
+    return "16" if dtype != torch.float32 else fp32_dot_precision()
+
+
+def pick_config(table: dict, op: str, dtype: torch.dtype):
+    """``table[op]``: one config for every dtype, or a dict keyed by :func:`config_class`."""
+    entry = table[op]
+    return entry[config_class(dtype)] if isinstance(entry, dict) else entry
 
 
 def round_flag(dtype: torch.dtype) -> bool:

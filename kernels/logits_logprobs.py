@@ -12,7 +12,10 @@ Backward (``_logits_logprobs_bwd_kernel``): the same sweep recomputes ``p = exp(
 from the saved lse and writes ``g * (onehot - p) / T`` straight into the gradient in the
 logits dtype: ``N * V * elt`` read and ``N * V * elt`` written, no fp32 ``[N, V]`` buffer.
 Both kernels are memory bound; the GPU configs favour long rows per program (BLOCK_V up
-to 8192) so that each row is streamed with wide, coalesced loads.
+to 8192) so that each row is streamed with wide, coalesced loads. With an odd vocabulary
+the rows are not 16-byte aligned: the sweep then starts each row at the preceding aligned
+address (ODD, see ``_load_row_tile``) and only the first and last tile of a row are masked, so
+the interior tiles keep 16-byte loads and stores (checked by tests/test_gpu_readiness.py).
 """
 from __future__ import annotations
 
@@ -41,32 +44,70 @@ FIXED_CONFIGS = {"fwd": configs_for(_GPU_CONFIGS, _INTERPRET_CONFIG)[0],
 
 
 @triton.jit
+def _load_row_tile(ptr, row, shift, v_start, arange_v, mask_n, full_rows, V, ALIGN: tl.constexpr, ODD: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_V]`` tile of rows ``row`` (element offsets): its values, mask and
+    vocab ids, and whether it is interior (every element in bounds: loaded unmasked).
+
+    Odd row strides (an odd vocabulary): row starts are not 16-byte aligned, so loads and
+    stores would be split into 2-byte accesses. ``row`` is then rounded down to a multiple of
+    ALIGN elements (16 bytes; the tile covers vocab ids ``v_start - shift + arange``) so
+    every tile address is 16-byte aligned, and interior tiles go unmasked, i.e. vectorised;
+    only each row's first and last tile are masked.
+    """
+    ptrs = ptr + row[:, None] + (v_start + arange_v)[None, :]
+    if ODD:
+        cols = (v_start + arange_v)[None, :] - shift[:, None]
+        mask = mask_n[:, None] & (cols >= 0) & (cols < V)
+        interior = full_rows & (v_start >= ALIGN) & (v_start + arange_v.shape[0] <= V)
+    else:
+        cols = (v_start + arange_v)[None, :].to(tl.int64)
+        mask = mask_n[:, None] & (cols < V)
+        interior = full_rows & (v_start + arange_v.shape[0] <= V)
+    if interior:
+        z = tl.load(ptrs)
+    else:
+        z = tl.load(ptrs, mask=mask, other=0.0)
+    return z, mask, cols, interior
+
+
+@triton.jit
+def _row_offsets(offs_n, stride, ALIGN: tl.constexpr, ODD: tl.constexpr):
+    row = offs_n * stride
+    if ODD:
+        shift = row % ALIGN
+        row = tl.multiple_of(row - shift, ALIGN)
+    else:
+        shift = row * 0
+    return row, shift
+
+
+@triton.jit
 def _logits_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, log_probs_ptr, lse_ptr,
-    N, V, N_BUCKET, stride_ln, ignore_index, temperature,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    N, V, N_BUCKET, v_end, stride_ln, ignore_index, temperature,
+    ALIGN: tl.constexpr, ODD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    full_rows = (pid_n + 1) * BLOCK_N <= N
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
     valid = labels != ignore_index
+    row, shift = _row_offsets(offs_n, stride_ln, ALIGN, ODD)
     arange_v = tl.arange(0, BLOCK_V)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     sum_e = tl.zeros((BLOCK_N,), tl.float32)
     label_z = tl.zeros((BLOCK_N,), tl.float32)
-    for v_start in range(0, V, BLOCK_V):
-        # Phase 1: one read of the tile, upcast to fp32.
-        offs_v = (v_start + arange_v).to(tl.int64)
-        mask_v = offs_v < V
-        mask = mask_n[:, None] & mask_v[None, :]
-        z = tl.load(logits_ptr + offs_n[:, None] * stride_ln + offs_v[None, :], mask=mask, other=0.0)
-        z = tl.where(mask_v[None, :], z.to(tl.float32) / temperature, float("-inf"))
+    for v_start in range(0, v_end, BLOCK_V):
+        # Phase 1: one read of the tile (unmasked and vectorised when interior), upcast to fp32.
+        z, mask, cols, interior = _load_row_tile(logits_ptr, row, shift, v_start, arange_v, mask_n, full_rows, V,
+                                                 ALIGN, ODD)
+        z = tl.where(mask, z.to(tl.float32) / temperature, float("-inf"))
         # Phase 2: online log-sum-exp (NaN reaches sum_e through exp even if max drops it)
         # and the label gather (ignored rows match no column).
         m_new = tl.maximum(m, tl.max(z, 1))
         sum_e = sum_e * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        label_z += tl.sum(tl.where((offs_v[None, :] == labels[:, None]) & valid[:, None], z, 0.0), 1)
+        label_z += tl.sum(tl.where((cols == labels[:, None]) & valid[:, None], z, 0.0), 1)
         m = m_new
     # Phase 3: 8 bytes per row.
     lse = m + tl.log(sum_e)
@@ -77,29 +118,35 @@ def _logits_logprobs_fwd_kernel(
 @triton.jit
 def _logits_logprobs_bwd_kernel(
     grad_ptr, logits_ptr, labels_ptr, lse_ptr, grad_logits_ptr,
-    N, V, N_BUCKET, stride_ln, stride_gn, ignore_index, temperature,
-    ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    N, V, N_BUCKET, v_end, stride_ln, ignore_index, temperature,
+    ALIGN: tl.constexpr, ODD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """grad_logits has the logits' strides (``empty_like`` of a contiguous tensor): one set
+    of row offsets serves the load and the store."""
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    full_rows = (pid_n + 1) * BLOCK_N <= N
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
     valid = labels != ignore_index
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     # dL/dz_j = g (onehot_j - p_j), and dz/dlogit = 1/T.
     g_over_t = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32) / temperature
+    row, shift = _row_offsets(offs_n, stride_ln, ALIGN, ODD)
     arange_v = tl.arange(0, BLOCK_V)
-    for v_start in range(0, V, BLOCK_V):
-        offs_v = (v_start + arange_v).to(tl.int64)
-        mask = mask_n[:, None] & (offs_v < V)[None, :]
-        z = tl.load(logits_ptr + offs_n[:, None] * stride_ln + offs_v[None, :], mask=mask, other=0.0)
+    for v_start in range(0, v_end, BLOCK_V):
+        z, mask, cols, interior = _load_row_tile(logits_ptr, row, shift, v_start, arange_v, mask_n, full_rows, V,
+                                                 ALIGN, ODD)
         probs = tl.exp(z.to(tl.float32) / temperature - lse[:, None])
-        onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
+        onehot = tl.where(cols == labels[:, None], 1.0, 0.0)
         grad = (onehot - probs) * g_over_t[:, None]
         # Ignored rows are exactly 0 even when their logits are inf/NaN.
-        grad = tl.where(valid[:, None], grad, 0.0)
-        tl.store(grad_logits_ptr + offs_n[:, None] * stride_gn + offs_v[None, :],
-                 to_output(grad, grad_logits_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+        grad = to_output(tl.where(valid[:, None], grad, 0.0), grad_logits_ptr.dtype.element_ty, ROUND_BF16)
+        out = grad_logits_ptr + row[:, None] + (v_start + arange_v)[None, :]
+        if interior:
+            tl.store(out, grad)
+        else:
+            tl.store(out, grad, mask=mask)
 
 
 _fwd_tuned = triton.autotune(configs=configs_for(_GPU_CONFIGS, _INTERPRET_CONFIG),
@@ -127,6 +174,18 @@ def _check(logits, labels):
         raise ValueError(f"dpo_fast Triton kernels: labels on {labels.device}, logits on {logits.device}")
 
 
+def _align_flags(logits):
+    """ALIGN: elements per 16 bytes; ODD: rows do not all start 16-byte aligned."""
+    align = 16 // logits.element_size()
+    return {"ALIGN": align, "ODD": logits.stride(0) % align != 0}
+
+
+def _sweep(logits):
+    """``(v_end, row stride)``: with ODD rows the sweep starts up to ALIGN - 1 ids early."""
+    v, align = logits.shape[1], 16 // logits.element_size()
+    return (v + align - 1 if logits.stride(0) % align else v), logits.stride(0)
+
+
 def logits_logprobs_fwd(logits, labels, opts):
     """``(log_probs [N] fp32, lse [N] fp32)``; log_probs is 0 where labels == ignore_index."""
     _check(logits, labels)
@@ -137,8 +196,8 @@ def logits_logprobs_fwd(logits, labels, opts):
         return log_probs, lse
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _launch(_fwd_tuned, _logits_logprobs_fwd_kernel, FIXED_CONFIGS["fwd"], grid, opts.deterministic,
-            logits, labels, log_probs, lse, n, v, bucket(n), logits.stride(0), opts.ignore_index,
-            float(opts.temperature))
+            logits, labels, log_probs, lse, n, v, bucket(n), *_sweep(logits), opts.ignore_index,
+            float(opts.temperature), **_align_flags(logits))
     return log_probs, lse
 
 
@@ -152,8 +211,8 @@ def logits_logprobs_bwd(grad_log_probs, logits, labels, lse, opts):
     if n == 0:
         return grad_logits
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    assert grad_logits.stride() == logits.stride()
     _launch(_bwd_tuned, _logits_logprobs_bwd_kernel, FIXED_CONFIGS["bwd"], grid, opts.deterministic,
-            grad_log_probs, logits, labels, lse, grad_logits, n, v, bucket(n), logits.stride(0),
-            grad_logits.stride(0), opts.ignore_index, float(opts.temperature),
-            ROUND_BF16=round_flag(logits.dtype))
+            grad_log_probs, logits, labels, lse, grad_logits, n, v, bucket(n), *_sweep(logits),
+            opts.ignore_index, float(opts.temperature), ROUND_BF16=round_flag(logits.dtype), **_align_flags(logits))
     return grad_logits

@@ -115,6 +115,22 @@ def call_linear(**bad):
     return dpo_fast.linear_logprobs(**kw)
 
 
+def call_vocab_parallel(**bad):
+    """This rank's rows [8, 20) of a V-row head (no process group here: bad input must be named first)."""
+    lin = _lin()
+    kw = dict(hidden=lin["hidden"], weight_shard=lin["weight"][8:20], labels=lin["labels"], vocab_start=8,
+              vocab_size=V, impl="torch")
+    kw.update(bad)
+    return dpo_fast.vocab_parallel_linear_logprobs(kw.pop("hidden"), kw.pop("weight_shard"), kw.pop("labels"), **kw)
+
+
+def call_vocab_parallel_module(**bad):
+    lin = _lin()
+    options = {k: bad.pop(k) for k in list(bad) if k not in ("hidden", "weight", "labels", "bias")}
+    head = dpo_fast.VocabParallelLinearLogprobs(**{"vocab_start": 8, "vocab_size": V, "impl": "torch", **options})
+    return head(**{"hidden": lin["hidden"], "weight": lin["weight"][8:20], "labels": lin["labels"], **bad})
+
+
 def call_logits(**bad):
     g = torch.Generator().manual_seed(3)
     kw = dict(logits=torch.randn(B, T, V, generator=g), labels=torch.randint(0, V, (B, T), generator=g), impl="torch")
@@ -267,6 +283,31 @@ META = torch.device("meta")
 # (entry point, caller, bad arguments, exception type, text the message must contain)
 CASES = [
     # linear_logprobs
+    # vocabulary-parallel head (checked locally before the process group is needed)
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(temperature=NAN), ValueError, "temperature"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(softcap=-1.0), ValueError, "softcap"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(outputs=("bad",)), ValueError, "outputs"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(impl="x"), ValueError, "impl"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(impl="reference"), ValueError, "impl"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(vocab_start=-1), ValueError, "vocab_start"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(vocab_start=None), ValueError, "vocab_start"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(vocab_size=0), ValueError, "vocab_size"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(vocab_size=15), ValueError, "vocab_size"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(vocab_start=2.0), TypeError, "start"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(labels=torch.full((B, T), V)), ValueError, "labels"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(labels=torch.zeros(B, T)), TypeError, "labels"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(labels=torch.zeros(B, T + 1, dtype=torch.long)),
+     ValueError, "labels"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(weight_shard=torch.randn(12)), ValueError, "weight"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(weight_shard=torch.randn(12, H + 1)), ValueError,
+     "weight"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(hidden=torch.randn(B, T, H).double()), TypeError,
+     "dtypes"),
+    ("vocab_parallel_linear_logprobs", call_vocab_parallel, dict(bias=torch.randn(13)), ValueError, "bias"),
+    ("VocabParallelLinearLogprobs", call_vocab_parallel_module, dict(temperature=-1.0), ValueError, "temperature"),
+    ("VocabParallelLinearLogprobs", call_vocab_parallel_module, dict(vocab_start=V + 1), ValueError, "vocab_start"),
+    ("VocabParallelLinearLogprobs", call_vocab_parallel_module, dict(labels=torch.full((B, T), -5)), ValueError,
+     "labels"),
     ("linear_logprobs", call_linear, dict(temperature=NAN), ValueError, "temperature"),
     ("linear_logprobs", call_linear, dict(temperature=0.0), ValueError, "temperature"),
     ("linear_logprobs", call_linear, dict(logit_scale=INF), ValueError, "logit_scale"),
@@ -484,7 +525,8 @@ def test_the_table_covers_every_public_entry_point():
     public = {"linear_logprobs", "logits_logprobs", "sequence_logps", "LinearLogprobs", "dpo_loss",
               "fused_linear_dpo_loss", "FusedLinearDPOLoss", "reference_dpo_loss", "completion_logps",
               "sequence_logps_from_model", "TrainerConfig", "StandardTrainer", "RefLogpsCache", "build_fingerprint",
-              "dataset_with_ref_logps", "precompute", "add_fused_lm_head", "patch"}
+              "dataset_with_ref_logps", "precompute", "add_fused_lm_head", "patch",
+              "vocab_parallel_linear_logprobs", "VocabParallelLinearLogprobs"}
     assert public <= covered, f"entry points without a bad-input case: {sorted(public - covered)}"
     assert len(CASES) >= 150
 

@@ -207,6 +207,142 @@ def test_raw_launchers_match_blockwise():
     assert K.linear_logprobs_bwd(g, hr, w, lab, None, lse, LogprobOptions(), (True, True, True))[2] is None
 
 
+# --- split-vocabulary forward ---------------------------------------------------------
+
+H100 = 132
+GPU_FWD_BLOCK_N = max(c.kwargs["BLOCK_N"] for lst in KL._FWD_GPU_CONFIGS.values() for c in lst)
+
+
+@pytest.mark.parametrize("vocab", [32000, 50257, 128256, 152064, 256000])
+def test_forward_grid_fills_an_h100(vocab):
+    """Token blocks x vocabulary slices: at least two waves of one program per SM on 132
+    SMs for every N >= 1024 (the largest GPU BLOCK_N: any config's grid is at least as
+    large); slices are whole SPLIT_ALIGN multiples covering the vocabulary exactly once."""
+    assert GPU_FWD_BLOCK_N == 128
+    for n in [512, 1000, 1024, 1500, 2048, 3000, 4096, 8192, 12345, 16384, 65536]:
+        splits, per = KL.fwd_split(n, vocab, H100, GPU_FWD_BLOCK_N)
+        programs = triton.cdiv(n, GPU_FWD_BLOCK_N) * splits
+        assert (splits - 1) * per < vocab <= splits * per
+        assert splits == 1 or per % KL.SPLIT_ALIGN == 0
+        if n >= 1024:
+            assert programs >= KL.FWD_WAVES * H100, (n, vocab, splits, programs)
+        if triton.cdiv(n, GPU_FWD_BLOCK_N) >= KL.FWD_WAVES * H100:
+            assert splits == 1  # enough token blocks: no second pass
+        # Never more slices than the target needs, beyond rounding slices down to whole SPLIT_ALIGN.
+        assert splits <= 2 * triton.cdiv(KL.FWD_WAVES * H100, triton.cdiv(n, GPU_FWD_BLOCK_N)) + 1
+    # Small vocabularies cannot be split below SPLIT_ALIGN ids per slice.
+    assert KL.fwd_split(16, KL.SPLIT_ALIGN, H100, 128) == (1, KL.SPLIT_ALIGN)
+    assert KL.fwd_split(16, 1000, H100, 128) == (4, 256)
+
+
+def _compact(dtype, cfg, seed):
+    h, w, labels, b = _inputs(dtype, cfg, seed=seed)
+    rows = labels.flatten() != -100
+    hr = h.detach().reshape(-1, HIDDEN)[rows].contiguous()
+    return hr, w.detach(), labels.flatten()[rows].contiguous(), None if b is None else b.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_forward_matches_truth(dtype, tiny_blocks, monkeypatch):
+    """The launcher with 1 slice (one pass) and with 4 slices (128-id slices, merged by the
+    second pass) against the float64 oracle: log-probs, lse and every extra, with bias,
+    softcap, scale and temperature (bf16: no worse than the naive bf16 oracle)."""
+    monkeypatch.setattr(KL, "SPLIT_ALIGN", 128)
+    cfg = CONFIGS["bias_softcap_scale_temp"]
+    hr, w, lab, b = _compact(dtype, cfg, seed=15)
+    opts = LogprobOptions(outputs=ALL_OUTPUTS, deterministic=True, **_opts_kwargs(cfg))
+    n = lab.shape[0]
+    assert KL.fwd_split(n, VOCAB, 1, 16) == (1, VOCAB)
+    assert KL.fwd_split(n, VOCAB, H100, 16) == (4, 128)
+
+    def oracle(*t):
+        return reference.reference_linear_logprobs(t[0], t[1], t[2], t[3], outputs=ALL_OUTPUTS, **_opts_kwargs(cfg))
+    naive = oracle(hr, w, lab, b)
+    truth, _ = truth_of(oracle, (hr, w, lab, b))
+    z = reference.reference_logits(hr.double(), w.double(), b.double(), **_opts_kwargs(cfg))
+    top2 = z.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-2
+    results = {}
+    for sms in (1, H100):
+        lp, lse, extras = K.linear_logprobs_fwd(hr, w, lab, b, opts, num_sms=sms)
+        results[sms] = (lp, extras)
+        _check(f"split{sms} log_probs", dtype, lp, naive["log_probs"], truth["log_probs"], WORST)
+        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            _check(f"split{sms} {name}", dtype, extras[name], naive[name], truth[name], WORST)
+        assert torch.equal(extras["is_top1"][clear], truth["is_top1"][clear])
+    # Same per-token statistics, only the fp32 summation order differs between the two.
+    assert max_err(results[1][0], results[H100][0]) <= FP32_REL * results[1][0].abs().max().item()
+
+
+@pytest.mark.parametrize("split_align,sms,expect", [(256, 1, 1), (256, H100, 2), (128, H100, 4)],
+                         ids=["1slice", "2slices", "4slices"])
+def test_is_top1_first_maximum_wins_across_slices(tiny_blocks, monkeypatch, split_align, sms, expect):
+    """Exact ties (duplicate weight rows) between vocab ids in different slices: the
+    merge keeps the first slice reaching the maximum, as the one-pass kernel does."""
+    monkeypatch.setattr(KL, "SPLIT_ALIGN", split_align)
+    hr, w, lab, _ = _compact(torch.float32, {}, seed=16)
+    w = w.clone()
+    n = lab.shape[0]
+    splits, per = KL.fwd_split(n, VOCAB, sms, 16)
+    assert splits == expect
+    top = reference.reference_logits(hr, w).argmax(-1)
+    # Row 0's argmax duplicated into the last vocab id (the last slice); row 1 copies row 0.
+    first = int(top[0])
+    if splits > 1:
+        assert first // per != (VOCAB - 1) // per or first == VOCAB - 1
+    w[VOCAB - 1] = w[first]
+    hr = hr.clone()
+    hr[1] = hr[0]
+    lab = lab.clone()
+    lab[0], lab[1] = first, VOCAB - 1
+    opts = LogprobOptions(outputs=("log_probs", "is_top1"), deterministic=True)
+    _, _, extras = K.linear_logprobs_fwd(hr, w, lab, None, opts, num_sms=sms)
+    assert bool(extras["is_top1"][0]) and not bool(extras["is_top1"][1])
+
+
+def test_split_forward_num_sms_is_validated():
+    hr, w, lab, _ = _compact(torch.float32, {}, seed=17)
+    for bad in (0, -3, 1.5, True, "132"):
+        with pytest.raises(ValueError, match="num_sms"):
+            K.linear_logprobs_fwd(hr, w, lab, None, LogprobOptions(), num_sms=bad)
+
+
+# --- TF32: fp32 follows torch.get_float32_matmul_precision() -----------------------------
+
+@pytest.fixture
+def matmul_precision():
+    prev = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(prev)
+
+
+def test_fp32_dot_precision_follows_torch(matmul_precision, monkeypatch):
+    """"highest" (the default): IEEE fp32 products; "high"/"medium": TF32 tensor cores, with
+    the TF32 config lists. (The interpreter computes every dot in fp32, so only the choice
+    is visible here; test_gpu_tf32_accuracy checks the numbers on a GPU.)"""
+    seen = []
+    orig = KL._launch
+
+    def spy(tuned, kernel, fixed, grid, det, *args, **kw):
+        seen.append((tuned, kw.get("DOT_PRECISION")))
+        return orig(tuned, kernel, fixed, grid, det, *args, **kw)
+
+    monkeypatch.setattr(KL, "_launch", spy)
+    hr, w, lab, _ = _compact(torch.float32, {}, seed=18)
+    for precision, expect in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+        matmul_precision(precision)
+        assert _common.dot_flags(torch.float32)["DOT_PRECISION"] == expect == _common.config_class(torch.float32)
+        assert _common.dot_flags(torch.bfloat16)["DOT_PRECISION"] == "tf32"
+        assert _common.config_class(torch.bfloat16) == "16"
+        seen.clear()
+        lp, lse, _ = K.linear_logprobs_fwd(hr, w, lab, None, LogprobOptions())
+        K.linear_logprobs_bwd(torch.ones_like(lp), hr, w, lab, None, lse, LogprobOptions())
+        assert seen and all(p == expect for t, p in seen if p is not None)
+        assert seen[0][0] is KL._fwd_tuned[expect]
+        ref = reference.reference_linear_logprobs(hr, w, lab)
+        assert max_err(lp, ref) <= FP32_REL * ref.abs().max().item()
+
+
 class _NaNFactory(types.SimpleNamespace):
     """Stands in for ``torch`` inside a launcher module: every empty buffer starts as NaN
     (True for bool), so an element the kernels forget to write shows up."""
@@ -305,7 +441,7 @@ def test_autotuner_hook_arguments_are_tensors(dtype, monkeypatch):
     argument without a None check (only while tuning several configs, i.e. on a GPU): the
     launchers must pass tensors there in every case, here without bias."""
     seen = []
-    for tuner in (KL._bwd_tuned, KL._grad_hidden_tuned):
+    for tuner in [*KL._bwd_tuned.values(), *KL._grad_hidden_tuned.values()]:
         def run(*args, _orig=tuner.run, _tuner=tuner, **kwargs):
             nargs = dict(zip(_tuner.arg_names, args))
             for name in list(_tuner.reset_to_zero) + list(_tuner.restore_value):
@@ -459,7 +595,9 @@ def test_interpreter_flags_follow_the_environment():
     assert _common.dot_flags(torch.bfloat16)["UPCAST_DOT"] == _common.INTERPRET
     assert not _common.dot_flags(torch.float32)["UPCAST_DOT"]
     if _common.INTERPRET:  # one config under the interpreter, several on a GPU
-        assert len(KL._fwd_tuned.configs) == len(KL._grad_weight_tuned.configs) == len(KG._fwd_tuned.configs) == 1
+        for tuners in (KL._fwd_tuned, KL._bwd_tuned, KL._grad_hidden_tuned, KL._grad_weight_tuned):
+            assert set(tuners) == {"16", "tf32", "ieee"} and all(len(t.configs) == 1 for t in tuners.values())
+        assert len(KG._fwd_tuned.configs) == 1
 
 
 # --- GPU only: headline shapes, compiled ------------------------------------------------
@@ -495,3 +633,22 @@ def test_gpu_headline_shapes(hidden_size, vocab, softcap):
     assert max_err(lp, lp_ref) <= 2.0**-7 * lp_ref.abs().max().item() + 1e-2
     assert max_err(gh, gh_ref) <= 2.0**-6 * gh_ref.abs().max().item()
     assert max_err(gw, gw_ref) <= 2.0**-6 * gw_ref.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_accuracy(matmul_precision):
+    """On a GPU, fp32 under "high" uses TF32: no worse than PyTorch's own TF32 matmul
+    path (the reference under the same setting) plus one TF32 rounding (2**-11)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    h, w, labels, _ = make_linear_inputs((4, 512), 32000, 1024, torch.float32, seed=19)
+    h, w, labels = h.detach().cuda(), w.detach().cuda(), labels.cuda()
+    truth = reference.reference_linear_logprobs(h.double(), w.double(), labels).float()
+    matmul_precision("high")
+    fast = dpo_fast.linear_logprobs(h, w, labels, impl="triton")
+    naive = reference.reference_linear_logprobs(h, w, labels)
+    scale = truth.abs().max().item()
+    assert max_err(fast, truth) <= max_err(naive, truth) + 2.0**-11 * scale
+    matmul_precision("highest")
+    fast = dpo_fast.linear_logprobs(h, w, labels, impl="triton")
+    assert max_err(fast, truth) <= FP32_REL * scale

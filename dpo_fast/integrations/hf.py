@@ -56,7 +56,8 @@ import torch
 
 from ..ops import IMPLS, linear_logprobs
 from ..options import LogprobOptions
-from ..validation import check_labels
+from ..validation import check_labels, is_dtensor
+from ..vocab_parallel import vocab_parallel_linear_logprobs
 
 __all__ = [
     "LMHeadSpec",
@@ -79,12 +80,17 @@ class LMHeadSpec:
     ``logits = c * tanh((hidden @ weight.T + bias) * logit_scale / c)`` with ``c = softcap``
     (no tanh when ``softcap`` is None). ``weight`` and ``bias`` are the model's own parameters
     (not copies), so gradients reach them.
+
+    ``vocab_parallel`` is True for a model loaded with a tensor-parallel plan that splits the
+    lm_head by vocabulary rows (``weight`` is then a DTensor ``Shard(0)`` over the TP mesh):
+    the head runs through :func:`dpo_fast.vocab_parallel_linear_logprobs`, never gathered.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     logit_scale: float
     softcap: float | None
+    vocab_parallel: bool = False
 
 
 def _unwrap_wrappers(model):
@@ -186,7 +192,23 @@ def lm_head_spec(model) -> LMHeadSpec:
     inner = _unwrap_peft(model)
     weight, bias = _output_embedding(inner)
     scale, softcap = logit_transform(_text_config(inner), has_bias=bias is not None)
-    return LMHeadSpec(weight=weight, bias=bias, logit_scale=scale, softcap=softcap)
+    return LMHeadSpec(weight=weight, bias=bias, logit_scale=scale, softcap=softcap,
+                      vocab_parallel=_tensor_parallel_head(inner, weight))
+
+
+def _tensor_parallel_head(model, weight) -> bool:
+    """True when transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")`` /
+    ``DistributedConfig(tp_size=...)``) split the lm_head by vocabulary rows: the model reports
+    ``tp_size > 1`` and the weight is a DTensor ``Shard(0)`` over a 1-D mesh (the "colwise" styles;
+    the hidden states the backbone returns are then replicated plain tensors). A DTensor weight
+    without that (FSDP2) is left to the op, which rejects it with a message saying what to do."""
+    if not is_dtensor(weight):
+        return False
+    from torch.distributed.tensor import Shard
+
+    tp_size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
+    return (isinstance(tp_size, int) and tp_size > 1 and weight.device_mesh.ndim == 1
+            and tuple(weight.placements) == (Shard(0),))
 
 
 def logit_transform(config, *, has_bias: bool = False) -> tuple[float, float | None]:
@@ -507,7 +529,9 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``, GPT-2 style ``*LMHeadModel``,
-            PEFT-wrapped), see :func:`lm_head_spec`.
+            PEFT-wrapped), see :func:`lm_head_spec`. Loaded with a tensor-parallel plan
+            (``tp_plan="auto"``), its vocabulary-split lm_head runs through
+            :func:`dpo_fast.vocab_parallel_linear_logprobs`, never gathered.
         input_ids, attention_mask, completion_mask: ``[B, T]`` tensors on the model's device.
         impl: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (see :func:`dpo_fast.linear_logprobs`).
         outputs: names from ``dpo_fast.options.OUTPUT_NAMES``.
@@ -522,6 +546,14 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
     _check_batch(input_ids, attention_mask, completion_mask)
     labels = torch.full_like(input_ids, -100, dtype=torch.long)
     labels[:, :-1] = input_ids[:, 1:].masked_fill(~completion_mask[:, 1:].bool(), -100)
+    spec = lm_head_spec(model)
+    if spec.vocab_parallel:  # a tensor-parallel head: its rows stay sharded (dpo_fast.vocab_parallel)
+        hidden = backbone_hidden_states(model, input_ids, attention_mask)
+        hidden, weight, bias = _head_operands(hidden, spec)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return vocab_parallel_linear_logprobs(hidden, weight, labels, bias, ignore_index=-100,
+                                                  logit_scale=spec.logit_scale, softcap=spec.softcap,
+                                                  temperature=temperature, outputs=outputs, impl=impl)
     result, _ = fused_head_logprobs(model, labels, impl=impl, outputs=outputs, temperature=temperature,
                                     input_ids=input_ids, attention_mask=attention_mask)
     return result
@@ -565,11 +597,7 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
     scale, softcap = _head_input_transform(model, spec)
     captured = {}
 
-    def head_forward(module, x, original):
-        # Inside the head's forward a sharded weight is whole: rebuild the logits from it, as the
-        # fused path will, next to what the module itself returns.
-        weight, bias = _local_head_params(module)
-        rows, weight, bias = _cast_operands(x, weight, bias)
+    def rebuild(rows, weight, bias):
         s = rows @ weight.T
         if bias is not None:
             s = s + bias
@@ -577,13 +605,24 @@ def check_lm_head_spec(model, input_ids=None, *, rtol=None, atol=None):
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
         captured["z"], captured["dtype"] = z, weight.dtype
+
+    def head_forward(module, x, original):
+        # Inside the head's forward a sharded weight is whole: rebuild the logits from it, as the
+        # fused path will, next to what the module itself returns.
+        rebuild(*_cast_operands(x, *_local_head_params(module)))
         return original(x)
 
     was_training = model.training
     model.eval()
     try:
-        with _replaced_head_forward(head, head_forward) as record:
+        if spec.vocab_parallel:  # a check on a few tokens: gathering the head once is fine here
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.double()
+            hidden, weight, bias = _head_operands(backbone_hidden_states(model, input_ids, attention_mask), spec)
+            rebuild(hidden, weight.full_tensor(), None if bias is None else bias.full_tensor())
+            record = {"calls": 1}
+        else:
+            with _replaced_head_forward(head, head_forward) as record:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.double()
     finally:
         model.train(was_training)
     if record["calls"] != 1:
