@@ -44,10 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import linear_logprobs
 from ..options import LogprobOptions
-from .hf import _check_batch, _head_operands, _text_config, _unwrap_peft, completion_logps, lm_head_spec, \
-    resolve_backbone
+from ..vocab_parallel import vocab_parallel_linear_logprobs
+from .hf import _check_batch, _head_operands, _text_config, _unwrap_peft, completion_logps, fused_head_logprobs, \
+    lm_head_spec, resolve_backbone
 
 __all__ = ["PACKING_MODES", "PackingUnsupportedError", "PackedLayout", "check_packing", "build_layout",
            "layout_allowed", "packed_completion_logps", "packed_sequence_logps", "check_packing_support"]
@@ -312,6 +312,12 @@ def packed_completion_logps(model, input_ids, attention_mask, completion_mask, *
     :func:`dpo_fast.data.collate_preference` and TRL's collator give them), but the trunk runs
     once over :func:`build_layout`'s rows: each prompt once, no padding between pairs.
 
+    The model's own forward runs on the layout (``position_ids`` and the layout's attention
+    mask passed to it) with its lm_head scoring only the layout's source rows
+    (:func:`~dpo_fast.integrations.hf.fused_head_logprobs`), so FSDP2, DeepSpeed ZeRO-3 and DDP
+    models work as for the padded path; a tensor-parallel head runs the backbone and
+    :func:`dpo_fast.vocab_parallel_linear_logprobs`, as :func:`completion_logps` does.
+
     Args:
         model: a transformers causal LM with ``attn_implementation`` eager, sdpa or flex_attention.
         input_ids, attention_mask, completion_mask: ``[2B, T]`` tensors on the model's device.
@@ -338,15 +344,21 @@ def packed_completion_logps(model, input_ids, attention_mask, completion_mask, *
         check_packing_support(model, packing)
     spec = lm_head_spec(model)
     mask = model_attention_mask(model, layout)
-    out = resolve_backbone(model)(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
-                                  use_cache=False)
-    hidden = getattr(out, "last_hidden_state", None)
-    hidden = out[0] if hidden is None else hidden
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
-    rows, weight, bias = _head_operands(rows, spec)
-    with torch.autocast(rows.device.type, enabled=False):
-        got = linear_logprobs(rows, weight, layout.labels, bias, ignore_index=-100, logit_scale=spec.logit_scale,
-                              softcap=spec.softcap, temperature=temperature, outputs=outputs, impl=impl)
+    if spec.vocab_parallel:  # a tensor-parallel head: its rows stay sharded, as in completion_logps
+        out = resolve_backbone(model)(input_ids=layout.input_ids, attention_mask=mask,
+                                      position_ids=layout.position_ids, use_cache=False)
+        hidden = getattr(out, "last_hidden_state", None)
+        hidden = out[0] if hidden is None else hidden
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
+        rows, weight, bias = _head_operands(rows, spec)
+        with torch.autocast(rows.device.type, enabled=False):
+            got = vocab_parallel_linear_logprobs(rows, weight, layout.labels, bias, ignore_index=-100,
+                                                 logit_scale=spec.logit_scale, softcap=spec.softcap,
+                                                 temperature=temperature, outputs=outputs, impl=impl)
+    else:  # the model's own forward, its lm_head scoring the layout's source rows (FSDP2/ZeRO-3/DDP safe)
+        got, _ = fused_head_logprobs(model, layout.labels, index=layout.source, impl=impl, outputs=outputs,
+                                     temperature=temperature, input_ids=layout.input_ids, attention_mask=mask,
+                                     position_ids=layout.position_ids)
     got = got if isinstance(got, dict) else {opts.outputs[0]: got}
     result = {}
     for name in opts.outputs:
@@ -443,7 +455,8 @@ def check_packing_support(model, packing="shared_prompt_packed", *, force=False)
     spec = lm_head_spec(model)
     config, _ = _attention_path(model)
     name = f"{type(model).__name__} (model_type={getattr(config, 'model_type', '?')!r})"
-    ids, att, comp = _probe_batch(spec.weight.shape[0], spec.weight.device)
+    n_vocab = tuple(getattr(spec.weight, "ds_shape", spec.weight.shape))[0]  # ZeRO-3: empty outside forward
+    ids, att, comp = _probe_batch(n_vocab, spec.weight.device)
     was_training = model.training
     model.eval()
     try:
