@@ -56,6 +56,21 @@ def make_batch(seed, pairs=PAIRS):
     return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion, "ref": ref}
 
 
+def shared_prompt_batch(seed, pairs=PAIRS):
+    """:func:`make_batch` whose rejected row of each pair starts with its chosen row's prompt (the
+    shared prefix the ``shared_prompt`` layouts forward once)."""
+    batch = make_batch(seed, pairs)
+    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    for i in range(pairs):
+        prompt = int(completion[i].nonzero()[0])
+        j = pairs + i
+        length = int(attention[j].sum())
+        ids[j, :prompt] = ids[i, :prompt]
+        completion[j] = 0
+        completion[j, prompt:length] = 1
+    return batch
+
+
 def shard(batch, rank, world):
     """This rank's pairs (chosen and rejected rows of each)."""
     pairs = batch["input_ids"].shape[0] // 2
@@ -88,6 +103,11 @@ def fused_sums(model, batch, entry="completion_logps"):
         return hf.completion_logps(*args).sum(-1)
     if entry == "sequence_logps_from_model":
         return hf.sequence_logps_from_model(*args)[0]
+    if entry == "packed":  # padding-free packing of shared-prompt pairs (first use runs the probe check)
+        from dpo_fast.integrations.packing import packed_sequence_logps
+
+        r = packed_sequence_logps(*args, packing="shared_prompt_packed", max_tokens=4 * T)  # this rank's pairs in 1 row
+        return torch.cat([r["chosen_logps"], r["rejected_logps"]])
     if entry == "trl":  # the patched TRL forward, as DPOTrainer calls it
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=_trl_labels(batch), fused_lm_head=True)
@@ -113,8 +133,12 @@ def rel(a, b):
 
 # ----------------------------------------------------------------------------- one process, plain logits
 
-def single_run(model, batches, steps=2, dtype=torch.float32, micro=1, objective=None):
-    """Losses per step, gradients after the first step's backward, parameters after the last step."""
+def single_run(model, batches, steps=2, dtype=torch.float32, micro=1, objective=None, sums_fn=plain_sums, shards=1):
+    """Losses per step, gradients after the first step's backward, parameters after the last step.
+
+    With ``shards > 1`` each batch is split as :func:`shard` splits it over that many ranks and the
+    per-shard objectives are averaged (the same objective as the whole batch; for a ``sums_fn``
+    whose numbers depend on which sequences are forwarded together, e.g. a packed layout)."""
     objective = objective or (lambda sums, b: dpo_objective(sums, b["ref"].to(dtype)))
     model = model.to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -123,10 +147,11 @@ def single_run(model, batches, steps=2, dtype=torch.float32, micro=1, objective=
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for m in range(micro):
-            b = batches[step * micro + m]
-            loss = objective(plain_sums(model, b), b) / micro
-            loss.backward()
-            total += float(loss.detach())
+            whole = batches[step * micro + m]
+            for b in [whole] if shards == 1 else [shard(whole, r, shards) for r in range(shards)]:
+                loss = objective(sums_fn(model, b), b) / (micro * shards)
+                loss.backward()
+                total += float(loss.detach())
         losses.append(total)
         if grads is None:
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -232,21 +257,35 @@ def group_fsdp2(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     results = []
     batches = [make_batch(s) for s in (1, 2, 3, 4)]
+    shared = [shared_prompt_batch(s) for s in (1, 2)]
 
-    # lm_head in the root unit / its own unit / tied / only a root unit; a different entry point each
+    # lm_head in the root unit / its own unit / tied / only a root unit; a different entry point each;
+    # packing="shared_prompt_packed" on pairs that share their prompt, lm_head its own unit / tied
     for name, layout, tied, entry in (("fsdp2_head_in_root", "root", False, "completion_logps"),
                                       ("fsdp2_head_own_unit", "own_head", False, "sequence_logps_from_model"),
                                       ("fsdp2_tied", "root", True, "completion_logps"),
                                       ("fsdp2_root_only", "root_only", False, "completion_logps"),
-                                      ("fsdp2_tied_root_only", "root_only", True, "completion_logps")):
-        single = single_run(build_model(tied=tied), batches) if rank == 0 else None
+                                      ("fsdp2_tied_root_only", "root_only", True, "completion_logps"),
+                                      ("fsdp2_packed_head_own_unit", "own_head", False, "packed"),
+                                      ("fsdp2_packed_tied", "root", True, "packed")):
+        data = shared if entry == "packed" else batches
+        single = single_run(build_model(tied=tied), data) if rank == 0 else None
         model = fsdp_wrap(build_model(tied=tied), layout, mesh)
         counts = {}
         count_pre_backward(model, counts, "root")
         if layout == "own_head":
             count_pre_backward(model.lm_head, counts, "lm_head")
-        multi = fsdp_run(model, batches, rank, world, entry=entry)
-        if rank == 0:
+        multi = fsdp_run(model, data, rank, world, entry=entry)
+        if rank == 0 and entry == "packed":
+            # The packed layout sums attention over other keys than the padded batch (fp32 rounding
+            # that 2 steps at LR 0.5 grow to ~1e-5 in the parameters, in one process alone), so the
+            # 1e-5 reference is one process running the same packed layouts (the same pairs forwarded
+            # together, no FSDP); the plain-logits difference is recorded as vs_plain.
+            packed = single_run(build_model(tied=tied), data, sums_fn=lambda m, b: fused_sums(m, b, "packed"),
+                                shards=world)
+            results.append(compare(name, packed, multi, entry=entry, pre_backward_calls=counts,
+                                   vs_plain=compare(name + "_vs_plain", single, multi)))
+        elif rank == 0:
             results.append(compare(name, single, multi, entry=entry, pre_backward_calls=counts))
 
     # HSDP: a 2-D (replicate, shard) mesh; 2 ranks give replicate=2 x shard=1, so the gradient is

@@ -66,7 +66,7 @@ def _assert_matches(result):
 
 
 FSDP2_SCENARIOS = ["fsdp2_head_in_root", "fsdp2_head_own_unit", "fsdp2_tied", "fsdp2_root_only",
-                   "fsdp2_tied_root_only", "fsdp2_hsdp_head_own_unit", "fsdp2_trl_patch_head_own_unit",
+                   "fsdp2_tied_root_only", "fsdp2_packed_head_own_unit", "fsdp2_packed_tied", "fsdp2_hsdp_head_own_unit", "fsdp2_trl_patch_head_own_unit",
                    "fsdp2_grad_accum_no_sync", "fsdp2_standard_trainer"]
 
 
@@ -82,9 +82,22 @@ def test_standard_trainer_metrics_over_ranks(request, group, name):
     assert r["pairs"] == [8, 8]       # 2 micro-batches of 4 pairs, 2 per rank
 
 
+@pytest.mark.parametrize("name", ["fsdp2_packed_head_own_unit", "fsdp2_packed_tied"])
+def test_fsdp2_packing_matches_plain_logits(fsdp2, name):
+    # packing="shared_prompt_packed" under FSDP2 (each rank's 2 shared-prompt pairs in one row)
+    # against one process on the padded batch's plain logits: the loss and every gathered gradient.
+    # (The parameters after 2 steps at LR 0.5 differ by fp32 layout rounding alone, ~1e-5, in one
+    # process too; test_fsdp2_matches_one_process checks them against the same layout unsharded.)
+    plain = fsdp2[name]["vs_plain"]
+    assert plain["n_params"] >= 20
+    for key in ("loss", "grad"):
+        assert plain[key] <= TOL, (name, key, plain[key], plain.get(key + "_worst"))
+
+
 def test_fsdp2_pre_backward_hooks_fire(fsdp2):
     # The head's output carries its unit's pre-backward hook; the root's fires through the model output.
     assert fsdp2["fsdp2_head_own_unit"]["pre_backward_calls"] == {"lm_head": 2, "root": 2}
+    assert fsdp2["fsdp2_packed_head_own_unit"]["pre_backward_calls"] == {"lm_head": 2, "root": 2}
     assert fsdp2["fsdp2_head_in_root"]["pre_backward_calls"] == {"root": 2}
     assert fsdp2["fsdp2_root_only"]["pre_backward_calls"] == {"root": 2}
 
