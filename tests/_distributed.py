@@ -468,6 +468,16 @@ def group_deepspeed(rank, world):
                 results.append(compare(f"deepspeed_zero{stage}{'_tied' if tied else ''}", single, multi,
                                        entry="completion_logps"))
 
+    # packing="shared_prompt_packed" on ZeRO-3 (the head's weight is empty outside its forward, the
+    # first-use probe included); reference: one process running the same packed layouts (see group_fsdp2)
+    shared = [shared_prompt_batch(s) for s in (1, 2)]
+    single = single_run(build_model(), shared) if rank == 0 else None
+    multi = run(3, False, shared, lambda sums, b: dpo_objective(sums, b["ref"]), entry="packed")
+    if rank == 0:
+        packed = single_run(build_model(), shared, sums_fn=lambda m, b: fused_sums(m, b, "packed"), shards=world)
+        results.append(compare("deepspeed_zero3_packed", packed, multi, entry="packed",
+                               vs_plain=compare("deepspeed_zero3_packed_vs_plain", single, multi)))
+
     # the patched TRL forward, and the precompute reference pass, on a ZeRO-3 engine with a tied head
     from dpo_fast.integrations.hf import check_lm_head_spec
     from dpo_fast.precompute import compute_entries

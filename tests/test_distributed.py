@@ -82,13 +82,14 @@ def test_standard_trainer_metrics_over_ranks(request, group, name):
     assert r["pairs"] == [8, 8]       # 2 micro-batches of 4 pairs, 2 per rank
 
 
-@pytest.mark.parametrize("name", ["fsdp2_packed_head_own_unit", "fsdp2_packed_tied"])
-def test_fsdp2_packing_matches_plain_logits(fsdp2, name):
-    # packing="shared_prompt_packed" under FSDP2 (each rank's 2 shared-prompt pairs in one row)
+@pytest.mark.parametrize("group, name", [("fsdp2", "fsdp2_packed_head_own_unit"), ("fsdp2", "fsdp2_packed_tied"),
+                                         ("deepspeed", "deepspeed_zero3_packed")])
+def test_packing_matches_plain_logits(request, group, name):
+    # packing="shared_prompt_packed" under FSDP2 / ZeRO-3 (each rank's 2 shared-prompt pairs in one row)
     # against one process on the padded batch's plain logits: the loss and every gathered gradient.
     # (The parameters after 2 steps at LR 0.5 differ by fp32 layout rounding alone, ~1e-5, in one
-    # process too; test_fsdp2_matches_one_process checks them against the same layout unsharded.)
-    plain = fsdp2[name]["vs_plain"]
+    # process too; the *_matches_one_process tests check them against the same layouts in one process.)
+    plain = request.getfixturevalue(group)[name]["vs_plain"]
     assert plain["n_params"] >= 20
     for key in ("loss", "grad"):
         assert plain[key] <= TOL, (name, key, plain[key], plain.get(key + "_worst"))
@@ -129,7 +130,7 @@ def test_ddp_matches_one_process(ddp, name):
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero2_tied", "deepspeed_zero3",
                                   "deepspeed_zero3_tied", "deepspeed_zero3_tied_trl_patch",
-                                  "deepspeed_zero3_rank_without_tokens"])
+                                  "deepspeed_zero3_rank_without_tokens", "deepspeed_zero3_packed"])
 def test_deepspeed_matches_one_process(deepspeed, name):
     _assert_matches(deepspeed[name])
 
