@@ -4,7 +4,9 @@ Each group of checks runs once under ``torchrun --nproc-per-node 2`` (tests/_dis
 which documents the comparison); the tests here read its per-check differences. Every
 scenario is fp32 and compared with ONE process computing the same DPO objective on the whole
 batch from the model's plain logits: loss of both steps, every gathered gradient, every
-parameter after 2 SGD steps, within 1e-5 relative.
+parameter after 2 SGD steps, within 1e-5 relative. Packed scenarios (``packing=
+"shared_prompt_packed"``) are compared with one process running the same packed layouts
+(loss, gradients, parameters) and with the plain logits of the padded batch (loss, gradients).
 """
 import json
 import os

@@ -412,6 +412,32 @@ def _check_hf_tensor_parallel(rank, world, model_dir):
             scale = max(1e-6, grads_o[n].abs().max().item())
             assert max_err(grads_f[n], grads_o[n]) <= 1e-5 * scale, (name, n)
 
+    # packing: the tensor-parallel head keeps the vocabulary-parallel backbone path on the packed
+    # layout (2 pairs sharing their prompts, in one row); vs one process on the padded batch
+    from dpo_fast.integrations.packing import packed_completion_logps
+
+    pids = torch.randint(0, tp.config.vocab_size, (4, 9), generator=g)
+    pids[2:, :4] = pids[:2, :4]
+    pam = torch.ones_like(pids)
+    pam[1, 7:] = 0
+    pam[3, 6:] = 0
+    pcm = torch.zeros_like(pids)
+    pcm[:, 4:] = 1
+    pcm *= pam
+    weights = torch.tensor([1.0, 0.5, -0.3, 0.8])
+    got = {}
+    for key, model, fn in (("tp packed", tp, packed_completion_logps), ("one process", single, completion_logps)):
+        model.zero_grad(set_to_none=True)
+        lp = fn(model, pids, pam, pcm, impl="torch")
+        (lp.sum(-1) * weights).sum().backward()
+        got[key] = (lp.detach(), {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                                  for n, p in model.named_parameters()})
+    (lp_p, grads_p), (lp_o, grads_o) = got["tp packed"], got["one process"]
+    assert max_err(lp_p, lp_o) < 1e-5
+    assert grads_p.keys() == grads_o.keys()
+    for n in grads_o:
+        assert max_err(grads_p[n], grads_o[n]) <= 1e-5 * max(1e-6, grads_o[n].abs().max().item()), ("packed", n)
+
 
 # ----------------------------------------------------------------------------------------------
 # The process groups.
