@@ -308,7 +308,7 @@ def test_bad_options_fail_before_the_forward(bad, match, monkeypatch):
 
     model = _model("llama")
     b = _batch(_examples(2))
-    monkeypatch.setattr(packing, "resolve_backbone", lambda m: pytest.fail("the forward was reached"))
+    monkeypatch.setattr(packing, "vocab_parallel_head_logprobs", lambda *a, **k: pytest.fail("the forward was reached"))
     monkeypatch.setattr(packing, "fused_head_logprobs", lambda *a, **k: pytest.fail("the forward was reached"))
     kwargs = dict(zip(("input_ids", "attention_mask", "completion_mask"), _cols(b)))
     kwargs.update(bad)

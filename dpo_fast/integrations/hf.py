@@ -281,10 +281,11 @@ def resolve_backbone(model):
     return backbone
 
 
-def backbone_hidden_states(model, input_ids, attention_mask=None):
-    """``model.base_model(input_ids, attention_mask, use_cache=False).last_hidden_state`` ([B, T, H])."""
+def backbone_hidden_states(model, input_ids, attention_mask=None, **kwargs):
+    """``model.base_model(input_ids, attention_mask, use_cache=False, **kwargs).last_hidden_state`` ([B, T, H]);
+    ``kwargs`` are further backbone inputs such as ``position_ids``."""
     backbone = resolve_backbone(model)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0]
@@ -505,6 +506,23 @@ def fused_head_logprobs(model, labels, *, index=None, impl="auto", outputs=("log
     return result, out
 
 
+def vocab_parallel_head_logprobs(model, spec: LMHeadSpec, labels, *, index=None, impl="auto", outputs=("log_probs",),
+                                 temperature=1.0, input_ids, attention_mask=None, **backbone_kwargs):
+    """The tensor-parallel counterpart of :func:`fused_head_logprobs` (``spec.vocab_parallel``):
+    the backbone runs, then :func:`dpo_fast.vocab_parallel_linear_logprobs` scores its hidden
+    states (the rows ``index`` selects from the flattened ``[B * T, H]`` when given) against
+    each rank's own head rows, which are never gathered. ``backbone_kwargs`` go to the backbone
+    (e.g. ``position_ids``). Returns what ``vocab_parallel_linear_logprobs`` returns."""
+    hidden = backbone_hidden_states(model, input_ids, attention_mask, **backbone_kwargs)
+    if index is not None:
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    hidden, weight, bias = _head_operands(hidden, spec)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return vocab_parallel_linear_logprobs(hidden, weight, labels, bias, ignore_index=-100,
+                                              logit_scale=spec.logit_scale, softcap=spec.softcap,
+                                              temperature=temperature, outputs=outputs, impl=impl)
+
+
 def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl="auto", outputs=("log_probs",),
                      temperature=1.0):
     """Per-token log-probs of the completion tokens of a causal LM, without the logits.
@@ -548,12 +566,8 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
     labels[:, :-1] = input_ids[:, 1:].masked_fill(~completion_mask[:, 1:].bool(), -100)
     spec = lm_head_spec(model)
     if spec.vocab_parallel:  # a tensor-parallel head: its rows stay sharded (dpo_fast.vocab_parallel)
-        hidden = backbone_hidden_states(model, input_ids, attention_mask)
-        hidden, weight, bias = _head_operands(hidden, spec)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return vocab_parallel_linear_logprobs(hidden, weight, labels, bias, ignore_index=-100,
-                                                  logit_scale=spec.logit_scale, softcap=spec.softcap,
-                                                  temperature=temperature, outputs=outputs, impl=impl)
+        return vocab_parallel_head_logprobs(model, spec, labels, impl=impl, outputs=outputs, temperature=temperature,
+                                            input_ids=input_ids, attention_mask=attention_mask)
     result, _ = fused_head_logprobs(model, labels, impl=impl, outputs=outputs, temperature=temperature,
                                     input_ids=input_ids, attention_mask=attention_mask)
     return result

@@ -45,9 +45,8 @@ from dataclasses import dataclass
 import torch
 
 from ..options import LogprobOptions
-from ..vocab_parallel import vocab_parallel_linear_logprobs
-from .hf import _check_batch, _head_operands, _text_config, _unwrap_peft, completion_logps, fused_head_logprobs, \
-    lm_head_spec, resolve_backbone
+from .hf import _check_batch, _text_config, _unwrap_peft, completion_logps, fused_head_logprobs, lm_head_spec, \
+    vocab_parallel_head_logprobs
 
 __all__ = ["PACKING_MODES", "PackingUnsupportedError", "PackedLayout", "check_packing", "build_layout",
            "layout_allowed", "packed_completion_logps", "packed_sequence_logps", "check_packing_support"]
@@ -178,7 +177,7 @@ def build_layout(input_ids, attention_mask, completion_mask, *, packing="shared_
         start = 0
         for i in members:
             c, r, cm, rm, s = pairs[i]
-            lc, lr = len(c) - s, len(r) - s
+            lc = len(c) - s
             end = start + sizes[i]
             tok[row, start:end] = torch.tensor(c + r[s:], dtype=torch.long)
             pos[row, start:end] = torch.cat([torch.arange(len(c)), torch.arange(s, len(r))])
@@ -345,16 +344,9 @@ def packed_completion_logps(model, input_ids, attention_mask, completion_mask, *
     spec = lm_head_spec(model)
     mask = model_attention_mask(model, layout)
     if spec.vocab_parallel:  # a tensor-parallel head: its rows stay sharded, as in completion_logps
-        out = resolve_backbone(model)(input_ids=layout.input_ids, attention_mask=mask,
-                                      position_ids=layout.position_ids, use_cache=False)
-        hidden = getattr(out, "last_hidden_state", None)
-        hidden = out[0] if hidden is None else hidden
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.source)
-        rows, weight, bias = _head_operands(rows, spec)
-        with torch.autocast(rows.device.type, enabled=False):
-            got = vocab_parallel_linear_logprobs(rows, weight, layout.labels, bias, ignore_index=-100,
-                                                 logit_scale=spec.logit_scale, softcap=spec.softcap,
-                                                 temperature=temperature, outputs=outputs, impl=impl)
+        got = vocab_parallel_head_logprobs(model, spec, layout.labels, index=layout.source, impl=impl, outputs=outputs,
+                                           temperature=temperature, input_ids=layout.input_ids, attention_mask=mask,
+                                           position_ids=layout.position_ids)
     else:  # the model's own forward, its lm_head scoring the layout's source rows (FSDP2/ZeRO-3/DDP safe)
         got, _ = fused_head_logprobs(model, layout.labels, index=layout.source, impl=impl, outputs=outputs,
                                      temperature=temperature, input_ids=layout.input_ids, attention_mask=mask,
