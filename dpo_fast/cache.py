@@ -529,7 +529,7 @@ class RefLogpsCache:
                         if os.path.lexists(path + suffix):
                             os.remove(path + suffix)
                     os.replace(tmp, path)
-            for suffix in ("-wal", "-shm"):
+            for suffix in SIDE_SUFFIXES:
                 if os.path.exists(tmp + suffix):
                     os.remove(tmp + suffix)
         _check_header(path)

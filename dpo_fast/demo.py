@@ -325,7 +325,7 @@ def _table_row(rec):
 def run(config: DemoConfig, out=None) -> DemoResult:
     import torch
 
-    from .cache import RefLogpsCache
+    from .cache import RefLogpsCache, remove_cache_files
     from .data import tokenize_rows
     from .precompute import precompute
     from .synthetic import build_model, build_tokenizer, make_preference_rows, make_sft_rows, sample_prompt
@@ -375,9 +375,7 @@ def run(config: DemoConfig, out=None) -> DemoResult:
     model.save_pretrained(ref_dir)
     tokenizer.save_pretrained(ref_dir)
     cache_path = os.path.join(config.out, "ref_logps.sqlite")
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(cache_path + suffix):
-            os.remove(cache_path + suffix)
+    remove_cache_files(cache_path)
     all_rows = [{k: r[k] for k in pref_columns} for r in rows]
     summary = precompute(ref_dir, all_rows, cache_path, batch_size=128, device=str(device), progress=False)
     cache = RefLogpsCache.open(cache_path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .ops import IMPLS, compact_rows, fused_rows_logprobs, resolve_impl
+from .ops import check_impl, compact_rows, fused_rows_logprobs, resolve_impl
 from .options import LOSS_TYPES, LogprobOptions, check_loss_options  # noqa: F401 (LOSS_TYPES re-exported)
 from .validation import check_float, check_linear_inputs, check_same_device, is_dtensor
 from .vocab_parallel import VocabShard
@@ -45,11 +45,6 @@ class DPOOutput:
     metrics: dict = field(default_factory=dict)
     chosen_lengths: torch.Tensor | None = None
     rejected_lengths: torch.Tensor | None = None
-
-
-def _check_options(loss_type, loss_weights, beta, label_smoothing, discopop_tau, simpo_gamma=0.5):
-    """The loss-option check under its former name: :func:`dpo_fast.options.check_loss_options`."""
-    return check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau)
 
 
 def _smoothed_logistic(x, eps):
@@ -248,8 +243,7 @@ def fused_linear_dpo_loss(chosen_hidden, chosen_labels, rejected_hidden, rejecte
     """
     check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau,
                        has_reference=ref_chosen_logps is not None or ref_rejected_logps is not None)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     opts = LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                           temperature=temperature, deterministic=deterministic)
     shard = None
@@ -323,8 +317,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         check_loss_options(loss_type, loss_weights, beta, label_smoothing, simpo_gamma, discopop_tau)
         LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
                        deterministic=deterministic)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_impl(impl)
         if not (vocab_parallel in (None, False, True) or isinstance(vocab_parallel, VocabShard)):
             raise TypeError(f"vocab_parallel must be None, True or a VocabShard, got {type(vocab_parallel).__name__}")
 

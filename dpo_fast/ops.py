@@ -27,14 +27,20 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_impl(impl) -> str:
+    """``impl`` must be one of :data:`IMPLS`; returns it."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """Map ``impl`` to "reference", "torch" or "triton" for tensors on ``device``.
 
     "auto" picks triton for CUDA tensors of a dtype the kernels support when triton is
     installed, and the blockwise PyTorch path otherwise (CPU, float64, no triton).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     if impl == "auto":
         if device.type == "cuda" and dtype != torch.float64 and triton_available():
             return "triton"
@@ -251,8 +257,7 @@ class LinearLogprobs(torch.nn.Module):
         super().__init__()
         self.opts = LogprobOptions(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                                    temperature=temperature, outputs=outputs, deterministic=deterministic)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_impl(impl)
         self.impl = impl
 
     def forward(self, hidden, weight, labels, bias=None):

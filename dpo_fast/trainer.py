@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import random
 import sys
 import time
@@ -46,7 +45,7 @@ import torch
 from . import reference
 from .data import PreferenceExample, collate_preference, tokenize_rows
 from .losses import LOSS_TYPES, dpo_loss
-from .ops import IMPLS
+from .ops import IMPLS, check_impl
 
 # Per-token outputs the trainer asks for: log-probs carry the gradient, the rest feed metrics.
 TOKEN_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
@@ -106,8 +105,7 @@ def check_trainer_config(c: TrainerConfig):
     from .options import check_loss_options, check_real
 
     check_loss_options(c.loss_type, c.loss_weights, c.beta, c.label_smoothing, c.simpo_gamma, c.discopop_tau)
-    if not isinstance(c.impl, str) or c.impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {c.impl!r}")
+    check_impl(c.impl)
     check_real("learning_rate", c.learning_rate, low=0.0, low_open=True)
     check_real("weight_decay", c.weight_decay, low=0.0)
     check_real("adam_eps", c.adam_eps, low=0.0, low_open=True)
@@ -192,10 +190,12 @@ def token_outputs(model, batch, impl, outputs=TOKEN_OUTPUTS, packing=None, layou
     return result
 
 
-def sequence_sums(model, batch, impl, packing=None):
-    """``(chosen_sums [B], rejected_sums [B])`` of completion log-probs, without gradient."""
+def sequence_sums(model, batch, impl, packing=None, layout=None):
+    """``(chosen_sums [B], rejected_sums [B])`` of completion log-probs, without gradient (``layout``:
+    the batch's packed layout when already built)."""
     with torch.no_grad():
-        lp = token_outputs(model, batch, impl, outputs=("log_probs",), packing=packing)["log_probs"].sum(-1)
+        lp = token_outputs(model, batch, impl, outputs=("log_probs",), packing=packing,
+                           layout=layout)["log_probs"].sum(-1)
     b = lp.shape[0] // 2
     return lp[:b], lp[b:]
 
@@ -418,11 +418,11 @@ class StandardTrainer:
                                    truncation_mode=c.truncation_mode)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def reference_logps(self, examples, batch):
+    def reference_logps(self, examples, batch, layout=None):
         if self.config.reference_free:
             return None, None
         if self.ref_model is not None:
-            rc, rr = sequence_sums(self.ref_model, batch, self.config.impl, self.config.packing)
+            rc, rr = sequence_sums(self.ref_model, batch, self.config.impl, self.config.packing, layout)
             reshard_fsdp(self.ref_model)
         elif isinstance(self.ref_table, ReferenceTable):
             rc, rr = self.ref_table.lookup(examples)
@@ -454,7 +454,7 @@ class StandardTrainer:
                              "or truncated away by max_length)")
         sums = tok["log_probs"].sum(-1)
         pc, pr = sums[:b], sums[b:]
-        rc, rr = self.reference_logps(examples, batch)
+        rc, rr = self.reference_logps(examples, batch, layout)
         kw = dict(beta=c.beta, loss_type=c.loss_type, loss_weights=c.loss_weights, label_smoothing=c.label_smoothing,
                   chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], simpo_gamma=c.simpo_gamma,
                   discopop_tau=c.discopop_tau)

@@ -117,9 +117,10 @@ def _is_row_sharded(t) -> bool:
     return t.device_mesh.ndim == 1 and len(t.placements) == 1 and t.placements[0] == Shard(0)
 
 
-_FSDP_HINT = ("run the head inside the FSDP module's forward, where the weight is unsharded (e.g. "
-              "torch.distributed.fsdp.register_fsdp_forward_method, as dpo_fast.integrations.hf does); do not pass "
-              "weight.full_tensor(), whose backward keeps each rank's un-reduced gradient")
+_FSDP_HINT = ("run the head inside the FSDP module's forward, where the weight is unsharded (dpo_fast.integrations.hf "
+              "does: it replaces the lm_head module's forward for the call; torch.distributed.fsdp."
+              "register_fsdp_forward_method is another way); do not pass weight.full_tensor(), whose backward keeps "
+              "each rank's un-reduced gradient")
 
 
 def _fsdp_or_tp_hint(name):
@@ -379,12 +380,12 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         local_labels = torch.where(owned, labels - shard.start, torch.full_like(labels, -1))
         extras = opts.extras
         zeros = lambda: hidden.new_zeros(n, dtype=cd)  # noqa: E731
+        local = _local_opts(opts)
         if n == 0:  # the same on every rank (validated): no collective anywhere
             lse = zeros()
             out = {"log_probs": zeros()}
             out.update({e: hidden.new_zeros(0, dtype=torch.bool if e == "is_top1" else cd) for e in extras})
         else:
-            local = _local_opts(opts)
             if v_local == 0:
                 lp_r, lse_r = zeros(), torch.full((n,), float("-inf"), dtype=cd, device=hidden.device)
                 ex_r = {e: zeros() for e in local.extras}
@@ -438,7 +439,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
                 dist.all_reduce(key, op=dist.ReduceOp.MIN, group=group)
                 out["is_top1"] = key == labels
         ctx.save_for_backward(hidden, weight, bias, local_labels, lse)
-        ctx.shard, ctx.opts, ctx.impl = shard, _local_opts(opts), impl
+        ctx.shard, ctx.opts, ctx.impl = shard, local, impl
         extra_values = tuple(out[e] for e in extras)
         ctx.mark_non_differentiable(*extra_values)
         return (out["log_probs"],) + extra_values

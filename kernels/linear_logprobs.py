@@ -208,6 +208,10 @@ MERGE_CONFIG = _cfg(BLOCK_N=128, num_warps=4, num_stages=1)
 FWD_WAVES = 2
 H100_SMS = 132
 SPLIT_ALIGN = 256
+# A tile that straddled a slice end would match a label in its masked (-inf) columns: every
+# forward BLOCK_V must divide SPLIT_ALIGN, so a config added later cannot break it silently.
+assert all(SPLIT_ALIGN % c.kwargs["BLOCK_V"] == 0
+           for c in [_FWD_INTERPRET_CONFIG, *(c for cls in _FWD_GPU_CONFIGS.values() for c in cls)])
 
 
 @triton.jit

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import IMPLS, linear_logprobs
+from ..ops import check_impl, linear_logprobs
 from ..options import LogprobOptions
 from ..validation import check_labels, is_dtensor
 from ..vocab_parallel import vocab_parallel_linear_logprobs
@@ -404,7 +404,7 @@ def _head_operands(hidden, spec: LMHeadSpec):
 
 def _local_head_params(head):
     weight, bias = head.weight, getattr(head, "bias", None)
-    if type(weight).__name__ == "DTensor" or weight.dim() != 2:
+    if is_dtensor(weight) or weight.dim() != 2:
         raise ValueError(
             f"the lm_head weight inside the model's forward is a {type(weight).__name__} of shape "
             f"{tuple(weight.shape)}, not a full [V, H] tensor (a tensor-parallel lm_head, or a sharding framework "
@@ -559,8 +559,7 @@ def completion_logps(model, input_ids, attention_mask, completion_mask, *, impl=
         outputs are requested. Gradients flow into the model.
     """
     LogprobOptions(temperature=temperature, outputs=outputs)  # validate before any compute
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     _check_batch(input_ids, attention_mask, completion_mask)
     labels = torch.full_like(input_ids, -100, dtype=torch.long)
     labels[:, :-1] = input_ids[:, 1:].masked_fill(~completion_mask[:, 1:].bool(), -100)

@@ -329,12 +329,11 @@ def packed_completion_logps(model, input_ids, attention_mask, completion_mask, *
         a float32 ``[2B, T]`` tensor (a dict of them for several outputs); gradients flow into
         the model.
     """
-    from ..ops import IMPLS
+    from ..ops import check_impl
 
     opts = LogprobOptions(temperature=temperature, outputs=outputs)
     check_packing(packing)
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     if layout is None:
         layout = build_layout(input_ids, attention_mask, completion_mask, packing=packing, max_tokens=max_tokens)
     elif tuple(layout.batch_shape) != tuple(input_ids.shape):

@@ -76,6 +76,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
 
 from .hf import check_lm_head_once, fused_head_logprobs, lm_head_spec  # noqa: E402
+from ..validation import is_dtensor  # noqa: E402
 
 _TRL_ADD_FUSED_LM_HEAD = _dpo_module.add_fused_lm_head
 
@@ -114,12 +115,11 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             ``[chosen rows; rejected rows]`` batch (DPOTrainer's) runs the shared-prompt (packed)
             layout of :mod:`dpo_fast.integrations.packing` (see :func:`_packed_fused_forward`).
     """
-    from ..ops import IMPLS
+    from ..ops import check_impl
     from ..options import LogprobOptions
     from .packing import check_packing
 
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     LogprobOptions(temperature=temperature)  # a bad temperature fails now, not at the first step
     check_packing(packing)
     outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -224,7 +224,7 @@ def _check_head_once(model):
     its engine a partitioned model cannot run a forward, and a sharded one needs every rank to run it.
     The fused forward itself runs the head inside the model's forward, where the framework gathers it."""
     weight = lm_head_spec(model).weight
-    if weight.numel() == 0 or hasattr(weight, "full_tensor"):
+    if weight.numel() == 0 or is_dtensor(weight):
         return
     check_lm_head_once(model)
 
@@ -248,10 +248,9 @@ def patch(impl: str = "auto") -> None:
     :func:`dpo_fast.linear_logprobs`; TRL's loss and logging are unchanged. Idempotent;
     :func:`unpatch` restores TRL's head.
     """
-    from ..ops import IMPLS
+    from ..ops import check_impl
 
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     _dpo_module.add_fused_lm_head = functools.partial(add_fused_lm_head, impl=impl)
 
 
@@ -288,11 +287,10 @@ class FusedDPOTrainer(DPOTrainer):
 
     def __init__(self, model, ref_model=None, args=None, *posargs, ref_logps_cache=None, impl="auto", packing=None,
                  **kwargs):
-        from ..ops import IMPLS
+        from ..ops import check_impl
         from .packing import check_packing
 
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_impl(impl)
         check_packing(packing)
         if args is not None:  # the loss options, with the same check as every dpo_fast loss, before any work
             from ..options import check_loss_options
